@@ -1,0 +1,187 @@
+"""Backend choice, input validation and launch helpers shared by every kernel module.
+
+Backends (``TRITONFORMERS_BACKEND`` or :func:`use_backend`):
+
+* ``auto`` (default): Triton kernels for CUDA tensors, the PyTorch reference for CPU tensors. A case a
+  kernel cannot serve (see :func:`unsupported`) runs the reference and warns once.
+* ``triton``: always the Triton kernel. CPU tensors need the Triton interpreter (``TRITON_INTERPRET=1``
+  set before triton is imported); a case the kernel cannot serve raises instead of falling back.
+* ``torch``: always the PyTorch reference.
+
+Kernel modules import only this module; nothing here imports triton at module level, so choosing the
+interpreter stays possible until the first kernel module is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_state = threading.local()
+_warned: set[str] = set()
+
+
+def _env_backend() -> str:
+    name = os.environ.get("TRITONFORMERS_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"TRITONFORMERS_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost :func:`use_backend`, else ``TRITONFORMERS_BACKEND``."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else _env_backend()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Choose the backend for a block of code (thread-local, nests)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def on_gpu(*tensors: torch.Tensor) -> bool:
+    """True when the tensors live on a CUDA device and the kernels run compiled (not interpreted)."""
+    return any(t.is_cuda for t in tensors) and not interpreter_enabled()
+
+
+def use_triton(*tensors: torch.Tensor, op: str) -> bool:
+    """Whether ``op`` should run its Triton kernel on these tensors under the current backend."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    is_cuda = any(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return is_cuda
+    if not is_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"{op}: the 'triton' backend was asked for with CPU tensors, but the Triton interpreter is off; "
+            "set TRITON_INTERPRET=1 before triton is imported, move the tensors to CUDA, or use the 'torch' backend"
+        )
+    return True
+
+
+def unsupported(op: str, reason: str) -> None:
+    """Called by a dispatcher when its kernel cannot serve a case.
+
+    Raises ``ValueError`` under the ``triton`` backend (never a silent fallback); under ``auto`` warns once
+    per (op, reason) and returns, so the caller runs the reference.
+    """
+    if get_backend() == "triton":
+        raise ValueError(f"{op}: the Triton kernel does not support {reason}")
+    key = f"{op}:{reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{op}: the Triton kernel does not support {reason}; running the PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def check_tensor(x, name: str, *, dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+                 ndim: int | Iterable[int] | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``x`` is a tensor of an allowed dtype and rank."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(x.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed_ndim = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed_ndim:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed_ndim))} dimensions, "
+                             f"got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_shape(x: torch.Tensor, name: str, shape: Sequence[int | None]) -> torch.Tensor:
+    """Raise ``ValueError`` unless ``x.shape`` matches ``shape`` (``None`` = any size on that axis)."""
+    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}")
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Raise ``ValueError`` unless every given (non-None) tensor is on one device; returns it."""
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    device = items[0][1].device
+    for name, t in items[1:]:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {items[0][0]} is on {device}; "
+                             "all inputs must be on one device")
+    return device
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
+    """Raise ``TypeError`` unless every given (non-None) tensor has one dtype; returns it."""
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    dtype = items[0][1].dtype
+    for name, t in items[1:]:
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {items[0][0]} has {dtype}; they must match")
+    return dtype
+
+
+def check_out(out: torch.Tensor | None, name: str, like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """Return ``out`` after checking it can receive a result shaped like ``like`` (or allocate one)."""
+    shape = tuple(like.shape) if shape is None else tuple(shape)
+    dtype = like.dtype if dtype is None else dtype
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    check_tensor(out, name, dtypes=(dtype,))
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(out.shape)}")
+    if out.device != like.device:
+        raise ValueError(f"{name} is on {out.device} but the inputs are on {like.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- launching
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def autotune_configs(configs: list) -> list:
+    """All configs on a real GPU; only the first under the interpreter (autotuning needs CUDA events)."""
+    return list(configs) if torch.cuda.is_available() and not interpreter_enabled() else list(configs[:1])
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as a contiguous 2-D [rows, last_dim] matrix (copies only when it must)."""
+    x = x.contiguous()
+    return x.view(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+__all__ = [
+    "BACKENDS", "FLOAT_DTYPES", "get_backend", "use_backend", "interpreter_enabled", "on_gpu", "use_triton",
+    "unsupported", "check_tensor", "check_shape", "check_same_device", "check_same_dtype", "check_out",
+    "next_power_of_2", "autotune_configs", "as_rows",
+]

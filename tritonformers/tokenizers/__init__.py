@@ -1,0 +1,1 @@
+"""Tokenizers, one module per kind, matching transformers' tokenizer classes."""
