@@ -1,0 +1,510 @@
+"""Flash attention with ALiBi, causal and key-padding masks, dropout and the log-sum-exp.
+
+    S[b, h, i, j] = scale * q[b, h, i] . k[b, h, j] + slope[h] * pos[b, j]          (ALiBi, BLOOM's form)
+    S[b, h, i, j] = -inf  where key j is padding, or (causal) j > i + (Nk - Nq), or j >= Nk
+    P = softmax_j(S) (float32),  out = dropout(P) @ v,   lse[b, h, i] = logsumexp_j S[b, h, i, j]
+
+q [B, H, Nq, D], k/v [B, H, Nk, D] (any strides with a unit last stride), key_padding_mask [B, Nk]
+(true/1 = a real token, HF's attention_mask), alibi_slopes [H] float32. ALiBi adds ``slope * pos`` with
+``pos = (cumsum(mask) - 1) * mask`` when a mask is given, else the key index; as HF does, the product is
+formed in float32 and rounded to the model dtype before it is added (specs/bloom.md §4.4). Causal
+masking is aligned bottom-right when Nq < Nk (prefill after a cache). A query row with no visible key
+outputs 0 and has lse = -inf. Nothing of size Nq x Nk is ever stored: forward saves the output and the
+lse; backward recomputes the probabilities block by block (FlashAttention-2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import runtime
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256  # any head dim up to this; padded to a power of two >= 16 inside the kernel
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, b, NQ, NK, slope, POS, KPM, qk_scale,
+            CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
+            BIAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Masked scores of one [BLOCK_M, BLOCK_N] tile in log2 units (S * log2(e)); -inf where masked."""
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    valid = (offs_n < NK)[None, :] & (offs_m < NQ)[:, None]
+    if HAS_KPM:
+        key_ok = tl.load(KPM + b * NK + offs_n, mask=offs_n < NK, other=0)
+        valid = valid & (key_ok != 0)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+    if HAS_ALIBI:
+        if HAS_POS:
+            pos = tl.load(POS + b * NK + offs_n, mask=offs_n < NK, other=0).to(tl.float32)
+        else:
+            pos = offs_n.to(tl.float32)
+        # slope * pos in float32, rounded to the model dtype (HF's alibi tensor), then in log2 units.
+        bias = (slope * pos).to(BIAS_DTYPE).to(tl.float32) * 1.4426950408889634
+        s = s + bias[None, :]
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p):
+    """Philox keep-mask of one tile; the offset is the flat (bh, i, j) index (wraps past 2^32, harmless)."""
+    offsets = (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, SLOPES, POS, KPM,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    H, NQ, NK, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_M query rows of one (batch, head); online softmax over key blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=(offs_m < NQ)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + h * skh + offs_d[:, None]
+    v_base = V + b * svb + h * svh + offs_d[None, :]
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = NK
+    if CAUSAL:
+        hi = tl.minimum(NK, tl.maximum((pid_m + 1) * BLOCK_M + NK - NQ, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & (cols < NK)[None, :], other=0.0)
+        s = _scores(q, k, offs_m, cols, b, NQ, NK, slope, POS, KPM, qk_scale,
+                    CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None] * svn, mask=(cols < NK)[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i * 0.6931471805599453 + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    row_ok = offs_m < NQ
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * NQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, NQ,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (float32), the softmax-backward row term."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _probabilities(s, lse_log2):
+    """P = exp(S - lse) from log2-unit scores; rows whose lse is -inf (no visible key) give 0."""
+    return tl.exp2(s - tl.where(lse_log2 == float("-inf"), 0.0, lse_log2)[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, POS, KPM,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    H, NQ, NK, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_N keys of one (batch, head): dV = P~^T dO and dK = scale * dS^T Q over query blocks.
+
+    dK and dV are written contiguously as [B, H, NK, D].
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = d_ok[:, None] & (offs_n < NK)[None, :]
+    kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
+    vT = tl.load(V + b * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, NQ, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < NQ
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse_log2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * NQ + rows, mask=row_ok, other=0.0)
+        s = _scores(q, kT, rows, offs_n, b, NQ, NK, slope, POS, KPM, qk_scale,
+                    CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
+        p = _probabilities(s, lse_log2)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, offs_n, NQ, NK, dropout_p)
+            p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_kept = p
+        dv += tl.dot(tl.trans(p_kept.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, input_precision=PRECISION)
+
+    out_offs = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out_mask = (offs_n < NK)[:, None] & d_ok[None, :]
+    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, SLOPES, POS, KPM, DSLOPE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    H, NQ, NK, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_M queries: dQ = scale * dS K, and (ALiBi) this block's sum_ij dS_ij * pos_j.
+
+    dQ is written contiguously as [B, H, NQ, D]; the slope partial to DSLOPE[bh, pid_m].
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < NQ
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse_log2 = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dslope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    hi = NK
+    if CAUSAL:
+        hi = tl.minimum(NK, tl.maximum((pid_m + 1) * BLOCK_M + NK - NQ, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < NK
+        kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None],
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None],
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        s = _scores(q, kT, offs_m, cols, b, NQ, NK, slope, POS, KPM, qk_scale,
+                    CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
+        p = _probabilities(s, lse_log2)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(K.dtype.element_ty), tl.trans(kT), input_precision=PRECISION)
+        if HAS_ALIBI:
+            if HAS_POS:
+                pos = tl.load(POS + b * NK + cols, mask=col_ok, other=0).to(tl.float32)
+            else:
+                pos = cols.to(tl.float32)
+            dslope += tl.sum(ds * pos[None, :], 1)
+
+    tl.store(DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if HAS_ALIBI:
+        tl.store(DSLOPE + bh * tl.num_programs(0) + pid_m, tl.sum(dslope, 0))
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def _block_sizes(head_dim: int, device_is_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); small tiles under the interpreter keep CI fast."""
+    if not device_is_gpu:
+        return 32, 32, 4, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 2
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, runtime.next_power_of_2(head_dim))  # tl.dot needs a reduction dim of at least 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 must meet the 1e-4 parity contract: tf32 (the default for fp32 dots) would not.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p) -> dict:
+    return dict(CAUSAL=bool(causal), HAS_ALIBI=alibi_slopes is not None, HAS_POS=positions is not None,
+                HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0)
+
+
+def attention_forward(q, k, v, *, causal, alibi_slopes, positions, key_padding_mask, scale, dropout_p, seed,
+                      out=None):
+    """Launch the forward kernel. Returns (out [B, H, Nq, D] contiguous, lse [B, H, Nq] float32)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    out = runtime.check_out(out, "out", q)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    BLOCK_M, BLOCK_N, warps, stages = _block_sizes(D, runtime.on_gpu(q))
+    dummy = lse  # any pointer for the unused optional inputs (their loads are compiled out)
+    grid = (triton.cdiv(NQ, BLOCK_M), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        positions if positions is not None else dummy,
+        key_padding_mask if key_padding_mask is not None else dummy,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, NQ, NK, scale, dropout_p, seed,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        **_flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p),
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, *, causal, alibi_slopes, positions, key_padding_mask, scale,
+                       dropout_p, seed):
+    """Launch the three backward kernels. Returns (dq, dk, dv, dslopes or None)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    BLOCK_M, BLOCK_N, warps, stages = _block_sizes(D, runtime.on_gpu(q))
+    BLOCK_D = _block_d(D)
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(NQ, BLOCK_M), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=v.device)
+    n_mblocks = triton.cdiv(NQ, BLOCK_M)
+    dslope_part = torch.zeros((B * H, n_mblocks), dtype=torch.float32, device=q.device)
+    dummy = delta
+    optional = (alibi_slopes if alibi_slopes is not None else dummy,
+                positions if positions is not None else dummy,
+                key_padding_mask if key_padding_mask is not None else dummy)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype),
+                num_warps=warps, num_stages=stages,
+                **_flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, BLOCK_N), B * H)](
+        q, k, v, do, dk, dv, lse, delta, *optional, *strides, H, NQ, NK, scale, dropout_p, seed, **meta)
+    _attn_bwd_dq_kernel[(n_mblocks, B * H)](
+        q, k, v, do, dq, lse, delta, *optional, dslope_part, *strides, H, NQ, NK, scale, dropout_p, seed, **meta)
+    dslopes = dslope_part.view(B, H, n_mblocks).sum(dim=(0, 2)) if alibi_slopes is not None else None
+    return dq, dk, dv, dslopes
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Flash attention; saves q, k, v, out and the float32 lse (never the Nq x Nk probabilities)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alibi_slopes, positions, key_padding_mask, causal, scale, dropout_p, seed):
+        out, lse = attention_forward(q, k, v, causal=causal, alibi_slopes=alibi_slopes, positions=positions,
+                                     key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                                     seed=seed)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, positions, key_padding_mask)
+        ctx.options = dict(causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, alibi_slopes, positions, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv, dslopes = attention_backward(
+            dout.contiguous(), q, k, v, out, lse, alibi_slopes=alibi_slopes, positions=positions,
+            key_padding_mask=key_padding_mask, **ctx.options)
+        if dslopes is not None and not ctx.needs_input_grad[3]:
+            dslopes = None
+        return dq, dk, dv, dslopes, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ public ops
+
+def alibi_positions(key_padding_mask: torch.Tensor | None, num_keys: int, device) -> torch.Tensor | None:
+    """Key positions for ALiBi: ``(cumsum(mask) - 1) * mask`` [B, Nk] int32, or None for the key index."""
+    if key_padding_mask is None:
+        return None
+    m = key_padding_mask.to(torch.int32)
+    return ((torch.cumsum(m, dim=-1) - 1) * m).to(torch.int32)
+
+
+def _validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        runtime.check_tensor(t, name, ndim=4)
+    runtime.check_same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask)
+    runtime.check_same_dtype(q=q, k=k, v=v)
+    B, H, NQ, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have shape [{B}, {H}, Nk, {D}] to match q {list(q.shape)}, got {list(k.shape)}")
+    if alibi_slopes is not None:
+        runtime.check_tensor(alibi_slopes, "alibi_slopes", dtypes=(torch.float32,))
+        runtime.check_shape(alibi_slopes, "alibi_slopes", (H,))
+    if key_padding_mask is not None:
+        runtime.check_tensor(key_padding_mask, "key_padding_mask",
+                             dtypes=(torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64), ndim=2)
+        runtime.check_shape(key_padding_mask, "key_padding_mask", (B, k.shape[2]))
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def attention(q, k, v, *, causal=False, alibi_slopes=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+              return_lse=False):
+    """Fused attention (see the module docstring for the math). Returns out [B, H, Nq, D] in q's dtype,
+    or ``(out, lse)`` with ``lse`` [B, H, Nq] float32 (natural log) when ``return_lse``.
+
+    Gradients flow to q, k, v and alibi_slopes. ``dropout_p`` applies to the probabilities (use it in
+    training only); its seed is drawn from torch's default generator, so ``torch.manual_seed`` makes it
+    reproducible.
+    """
+    _validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if runtime.use_triton(q, op="attention"):
+        if q.shape[-1] > MAX_HEAD_DIM:
+            runtime.unsupported("attention", f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})")
+        elif q.shape[2] > 0 and k.shape[2] > 0:
+            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+            positions = alibi_positions(key_padding_mask, k.shape[2], q.device) if alibi_slopes is not None else None
+            kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+            out, lse = AttentionFunction.apply(q, k, v, alibi_slopes, positions, kpm, causal, scale,
+                                               float(dropout_p), seed)
+            return (out, lse) if return_lse else out
+    return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
+                               key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                               return_lse=return_lse)
+
+
+def attention_reference(q, k, v, *, causal=False, alibi_slopes=None, key_padding_mask=None, scale=None,
+                        dropout_p=0.0, return_lse=False, softmax_dtype=torch.float32, dropout_mask=None):
+    """Eager attention as HF's BLOOM computes it: scores in the model dtype plus the ALiBi bias rounded to
+    that dtype, softmax in ``softmax_dtype`` (float32 for BLOOM; FSMT passes its model dtype), probabilities
+    cast back, dropout, then ``P @ v``. Rows with no visible key give 0 (and lse -inf).
+
+    ``dropout_mask`` [B, H, Nq, Nk] bool (keep) replaces the random draw, so tests can feed the kernel's.
+    """
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if alibi_slopes is not None:
+        pos = alibi_positions(key_padding_mask, NK, q.device)
+        pos = torch.arange(NK, device=q.device).expand(B, NK) if pos is None else pos
+        bias = (alibi_slopes.float()[None, :, None] * pos.float()[:, None, :]).to(q.dtype)  # [B, H, Nk]
+        scores = scores + bias[:, :, None, :]
+    visible = torch.ones(B, 1, NQ, NK, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.bool()[:, None, None, :]
+    if causal:
+        i = torch.arange(NQ, device=q.device)[:, None]
+        j = torch.arange(NK, device=q.device)[None, :]
+        visible = visible & (j <= i + (NK - NQ))
+    scores = scores.to(softmax_dtype).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    has_key = visible.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1).masked_fill(~has_key, 0.0).to(q.dtype)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, v)
+    return (out, lse) if return_lse else out
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
+    mask = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
+    tl.store(KEEP + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], keep.to(tl.int8), mask=mask)
+
+
+def dropout_keep_mask(B, H, NQ, NK, dropout_p, seed, device) -> torch.Tensor:
+    """The kernel's keep-mask [B, H, Nq, Nk] bool for a seed: the test oracle for in-kernel dropout."""
+    keep = torch.empty((B, H, NQ, NK), dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(triton.cdiv(NQ, 32), triton.cdiv(NK, 32), B * H)](
+        keep, NQ, NK, float(dropout_p), seed, BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """BLOOM's ALiBi slopes [num_heads] float32, with HF's exact float32 ops (specs/bloom.md §4.1)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), device=device, dtype=torch.float32)
+    powers = torch.arange(1, 1 + closest, device=device, dtype=torch.int32)
+    slopes = torch.pow(base, powers)
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), device=device, dtype=torch.float32)
+        n_extra = min(closest, num_heads - closest)
+        extra_powers = torch.arange(1, 1 + 2 * n_extra, 2, device=device, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)], dim=0)
+    return slopes
