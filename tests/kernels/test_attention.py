@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import DEVICE, FLOAT_DTYPES, assert_close, randn
+from tests.helpers import DEVICE, FLOAT_DTYPES, assert_close, poison, randn
 from tritonformers import runtime
 from tritonformers.kernels import attention as attn
 
@@ -174,3 +174,50 @@ def test_bad_inputs_raise_before_launch():
 def test_large_shapes_on_cuda(dtype):
     _check(dtype, B=2, H=4, NQ=1000, NK=1000, D=128, alibi=True, causal=True, padding="left")
     _check(dtype, B=1, H=4, NQ=300, NK=2100, D=64, alibi=True, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nmax,d,alibi,padded", [
+    (1, 100, 32, True, True),
+    (3, 70, 64, False, False),
+    (16, 45, 80, True, False),
+    (1, 5, 128, False, True),
+])
+def test_decode_matches_reference_and_full_attention(dtype, nq, nmax, d, alibi, padded):
+    B, H = 3, 2
+    lens = torch.tensor([nmax, max(nq, nmax // 2), nq], device=DEVICE)
+    q = randn(B, H, nq, d, dtype=dtype)
+    k_cache, v_cache = randn(B, H, nmax, d, dtype=dtype), randn(B, H, nmax, d, dtype=dtype)
+    slopes = attn.alibi_slopes(H, device=DEVICE) if alibi else None
+    kpm = None
+    if padded:  # left padding inside each row's valid length, zeros past it (a static cache's mask)
+        kpm = (torch.arange(nmax, device=DEVICE)[None, :] < lens[:, None]).to(torch.int64)
+        kpm[0, :7 % nmax] = 0
+    out = poison(torch.empty_like(q))
+    with runtime.use_backend("triton"):
+        got = attn.decode_attention(q, k_cache, v_cache, lens, alibi_slopes=slopes, key_padding_mask=kpm, out=out)
+    assert got is out
+    ref = attn.decode_attention_reference(q, k_cache, v_cache, lens, alibi_slopes=slopes, key_padding_mask=kpm)
+    assert_close(got, ref, scale=4)
+    for b in range(B):  # the same as prefill attention over the valid prefix
+        L = int(lens[b])
+        full = attn.attention_reference(q[b:b + 1], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], causal=True,
+                                        alibi_slopes=slopes, key_padding_mask=None if kpm is None else kpm[b:b + 1, :L])
+        assert_close(got[b:b + 1], full, scale=4)
+
+
+def test_decode_bad_inputs():
+    q, kc = randn(2, 2, 1, 32), randn(2, 2, 16, 32)
+    lens = torch.tensor([3, 4], device=DEVICE)
+    with pytest.raises(ValueError, match="1 to 16 new queries"):
+        attn.decode_attention(randn(2, 2, 17, 32), kc, kc, lens)
+    with pytest.raises(TypeError, match="cache_lens must have dtype"):
+        attn.decode_attention(q, kc, kc, lens.float())
+    with pytest.raises(ValueError, match="cache_lens must have shape"):
+        attn.decode_attention(q, kc, kc, lens[:1])
+    with pytest.raises(ValueError, match="k_cache and v_cache"):
+        attn.decode_attention(q, kc, randn(2, 2, 15, 32), lens)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        attn.decode_attention(q, kc, kc, lens, key_padding_mask=torch.ones(2, 15, dtype=torch.long, device=DEVICE))

@@ -30,20 +30,23 @@ MAX_HEAD_DIM = 256  # any head dim up to this; padded to a power of two >= 16 in
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, b, NQ, NK, slope, POS, KPM, qk_scale,
+def _scores(q, k, offs_m, offs_n, b, NQ, NK, MASK_STRIDE, slope, POS, KPM, qk_scale,
             CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
             BIAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Masked scores of one [BLOCK_M, BLOCK_N] tile in log2 units (S * log2(e)); -inf where masked."""
+    """Masked scores of one [BLOCK_M, BLOCK_N] tile in log2 units (S * log2(e)); -inf where masked.
+
+    Keys at or past NK are masked; POS/KPM rows are MASK_STRIDE apart (NK, or the cache capacity).
+    """
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     valid = (offs_n < NK)[None, :] & (offs_m < NQ)[:, None]
     if HAS_KPM:
-        key_ok = tl.load(KPM + b * NK + offs_n, mask=offs_n < NK, other=0)
+        key_ok = tl.load(KPM + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0)
         valid = valid & (key_ok != 0)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
     if HAS_ALIBI:
         if HAS_POS:
-            pos = tl.load(POS + b * NK + offs_n, mask=offs_n < NK, other=0).to(tl.float32)
+            pos = tl.load(POS + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0).to(tl.float32)
         else:
             pos = offs_n.to(tl.float32)
         # slope * pos in float32, rounded to the model dtype (HF's alibi tensor), then in log2 units.
@@ -95,7 +98,7 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & (cols < NK)[None, :], other=0.0)
-        s = _scores(q, k, offs_m, cols, b, NQ, NK, slope, POS, KPM, qk_scale,
+        s = _scores(q, k, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
                     CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -184,7 +187,7 @@ def _attn_bwd_dkdv_kernel(
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         lse_log2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * NQ + rows, mask=row_ok, other=0.0)
-        s = _scores(q, kT, rows, offs_n, b, NQ, NK, slope, POS, KPM, qk_scale,
+        s = _scores(q, kT, rows, offs_n, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
                     CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
         p = _probabilities(s, lse_log2)
         dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -249,7 +252,7 @@ def _attn_bwd_dq_kernel(
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None],
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s = _scores(q, kT, offs_m, cols, b, NQ, NK, slope, POS, KPM, qk_scale,
+        s = _scores(q, kT, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
                     CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
         p = _probabilities(s, lse_log2)
         dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -269,6 +272,88 @@ def _attn_bwd_dq_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if HAS_ALIBI:
         tl.store(DSLOPE + bh * tl.num_programs(0) + pid_m, tl.sum(dslope, 0))
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, LENS, SLOPES, POS, KPM, O_PART, M_PART, L_PART,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, NQ, NMAX, KEYS_PER_SPLIT, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Flash-decoding, step 1: program (split, bh) attends all NQ new queries to keys
+    [split * KEYS_PER_SPLIT, (split + 1) * KEYS_PER_SPLIT) of the first LENS[b] cache slots, causal
+    bottom-right, and writes its unnormalised partial output, row max and row sum (float32).
+
+    The grid depends only on the cache capacity, never on LENS (a device tensor): CUDA-graph friendly.
+    """
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    n_keys = tl.load(LENS + b).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=(offs_m < NQ)[:, None] & d_ok[None, :], other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * KEYS_PER_SPLIT
+    hi = tl.minimum(lo + KEYS_PER_SPLIT, n_keys)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None],
+                    mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        s = _scores(q, k, offs_m, cols, b, NQ, n_keys, NMAX, slope, POS, KPM, qk_scale,
+                    True, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
+        m_i = m_new
+    part = bh * tl.num_programs(0) + split
+    tl.store(O_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(M_PART + part * BLOCK_M + offs_m, m_i)
+    tl.store(L_PART + part * BLOCK_M + offs_m, l_i)
+
+
+@triton.jit
+def _decode_combine_kernel(O_PART, M_PART, L_PART, O, sob, soh, son, H, NQ, NUM_SPLITS,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Flash-decoding, step 2: merge the splits' partials (log2-domain maxima) into out [B, H, NQ, D]."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        m_all = tl.maximum(m_all, tl.load(M_PART + (bh * NUM_SPLITS + split) * BLOCK_M + offs_m))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        part = bh * NUM_SPLITS + split
+        w = tl.exp2(tl.load(M_PART + part * BLOCK_M + offs_m) - m_safe)
+        l_all += w * tl.load(L_PART + part * BLOCK_M + offs_m)
+        acc += w[:, None] * tl.load(O_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
+    out = acc / tl.where(l_all > 0.0, l_all, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -400,17 +485,21 @@ def _validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p):
         raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k must have shape [{B}, {H}, Nk, {D}] to match q {list(q.shape)}, got {list(k.shape)}")
+    _validate_options(alibi_slopes, key_padding_mask, scale, H, (B, k.shape[2]))
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _validate_options(alibi_slopes, key_padding_mask, scale, num_heads, mask_shape):
     if alibi_slopes is not None:
         runtime.check_tensor(alibi_slopes, "alibi_slopes", dtypes=(torch.float32,))
-        runtime.check_shape(alibi_slopes, "alibi_slopes", (H,))
+        runtime.check_shape(alibi_slopes, "alibi_slopes", (num_heads,))
     if key_padding_mask is not None:
         runtime.check_tensor(key_padding_mask, "key_padding_mask",
                              dtypes=(torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64), ndim=2)
-        runtime.check_shape(key_padding_mask, "key_padding_mask", (B, k.shape[2]))
+        runtime.check_shape(key_padding_mask, "key_padding_mask", mask_shape)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
 def attention(q, k, v, *, causal=False, alibi_slopes=None, key_padding_mask=None, scale=None, dropout_p=0.0,
@@ -450,13 +539,6 @@ def attention_reference(q, k, v, *, causal=False, alibi_slopes=None, key_padding
     """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if alibi_slopes is not None:
-        pos = alibi_positions(key_padding_mask, NK, q.device)
-        pos = torch.arange(NK, device=q.device).expand(B, NK) if pos is None else pos
-        bias = (alibi_slopes.float()[None, :, None] * pos.float()[:, None, :]).to(q.dtype)  # [B, H, Nk]
-        scores = scores + bias[:, :, None, :]
     visible = torch.ones(B, 1, NQ, NK, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.bool()[:, None, None, :]
@@ -464,6 +546,26 @@ def attention_reference(q, k, v, *, causal=False, alibi_slopes=None, key_padding
         i = torch.arange(NQ, device=q.device)[:, None]
         j = torch.arange(NK, device=q.device)[None, :]
         visible = visible & (j <= i + (NK - NQ))
+    bias = _alibi_bias(alibi_slopes, key_padding_mask, B, NK, q.dtype, q.device)
+    out, lse = _masked_softmax_attention(q, k, v, scale, bias, visible, softmax_dtype, dropout_p, dropout_mask)
+    return (out, lse) if return_lse else out
+
+
+def _alibi_bias(alibi_slopes, key_padding_mask, B, NK, dtype, device):
+    """HF's ALiBi bias [B, H, 1, Nk]: slope * position in float32, rounded to the model dtype (or None)."""
+    if alibi_slopes is None:
+        return None
+    pos = alibi_positions(key_padding_mask, NK, device)
+    pos = torch.arange(NK, device=device).expand(B, NK) if pos is None else pos
+    return (alibi_slopes.float()[None, :, None] * pos.float()[:, None, :]).to(dtype)[:, :, None, :]
+
+
+def _masked_softmax_attention(q, k, v, scale, bias, visible, softmax_dtype, dropout_p, dropout_mask):
+    """The shared eager core: (out, lse) of softmax(scale * q k^T + bias, masked by ``visible``) @ v."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
     scores = scores.to(softmax_dtype).masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)
     has_key = visible.any(-1, keepdim=True)
@@ -472,8 +574,99 @@ def attention_reference(q, k, v, *, causal=False, alibi_slopes=None, key_padding
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
-    out = torch.matmul(probs, v)
-    return (out, lse) if return_lse else out
+    return torch.matmul(probs, v), lse
+
+
+MAX_DECODE_QUERIES = 16
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_padding_mask=None, scale=None,
+                     out=None):
+    """Attention of 1-16 new queries per sequence against a preallocated KV cache (inference only).
+
+    q [B, H, Nq, D]; k_cache/v_cache [B, H, Nmax, D] whose first ``cache_lens[b]`` slots are valid and
+    already hold the new tokens' keys/values (the new queries are the last Nq of them: causal bottom-right);
+    cache_lens [B] int32/int64 on the device, each >= Nq (not checked: that would synchronise).
+    key_padding_mask [B, Nmax] (1 = real token, HF's attention_mask padded to the capacity) masks pads and
+    gives ALiBi its positions, as in :func:`attention`. Returns out [B, H, Nq, D] (or writes ``out``).
+
+    The key axis is split across programs (flash-decoding) so small batches still fill the GPU; the launch
+    depends only on shapes, so a decode step can be captured in a CUDA graph.
+    """
+    _validate_decode(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale)
+    if runtime.use_triton(q, op="decode_attention"):
+        if q.shape[-1] > MAX_HEAD_DIM:
+            runtime.unsupported("decode_attention", f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})")
+        else:
+            return _decode_launch(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale, out)
+    result = decode_attention_reference(q, k_cache, v_cache, cache_lens, alibi_slopes=alibi_slopes,
+                                        key_padding_mask=key_padding_mask, scale=scale)
+    return result if out is None else out.copy_(result)
+
+
+def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_padding_mask=None,
+                               scale=None):
+    """Eager oracle of :func:`decode_attention` (same masks, bias rounding and float32 softmax)."""
+    B, H, NQ, _ = q.shape
+    NMAX = k_cache.shape[2]
+    i = torch.arange(NQ, device=q.device)[None, :, None]
+    j = torch.arange(NMAX, device=q.device)[None, None, :]
+    lens = cache_lens.to(torch.long)[:, None, None]
+    visible = ((j < lens) & (j <= lens - NQ + i))[:, None]  # [B, 1, NQ, NMAX]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.bool()[:, None, None, :]
+    bias = _alibi_bias(alibi_slopes, key_padding_mask, B, NMAX, q.dtype, q.device)
+    return _masked_softmax_attention(q, k_cache, v_cache, scale, bias, visible, torch.float32, 0.0, None)[0]
+
+
+def _validate_decode(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        runtime.check_tensor(t, name, ndim=4)
+    runtime.check_tensor(cache_lens, "cache_lens", dtypes=(torch.int32, torch.int64), ndim=1)
+    runtime.check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens,
+                              alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask)
+    runtime.check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    B, H, NQ, D = q.shape
+    if not 1 <= NQ <= MAX_DECODE_QUERIES:
+        raise ValueError(f"q must hold 1 to {MAX_DECODE_QUERIES} new queries per sequence, got {NQ}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (B, H) or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache and v_cache must both have shape [{B}, {H}, Nmax, {D}], got "
+                         f"{list(k_cache.shape)} and {list(v_cache.shape)}")
+    runtime.check_shape(cache_lens, "cache_lens", (B,))
+    _validate_options(alibi_slopes, key_padding_mask, scale, H, (B, k_cache.shape[2]))
+
+
+def _decode_launch(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale, out):
+    B, H, NQ, D = q.shape
+    NMAX = k_cache.shape[2]
+    out = runtime.check_out(out, "out", q)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    gpu = runtime.on_gpu(q)
+    BLOCK_N, BLOCK_M, BLOCK_D = (64 if gpu else 32), MAX_DECODE_QUERIES, _block_d(D)
+    n_blocks = triton.cdiv(NMAX, BLOCK_N)
+    # Enough programs to fill the GPU twice over when B * H alone cannot; several splits on the CPU too,
+    # so the interpreter exercises the combine step.
+    want = triton.cdiv(2 * torch.cuda.get_device_properties(q.device).multi_processor_count, B * H) if gpu else 3
+    num_splits = max(1, min(n_blocks, want))
+    keys_per_split = triton.cdiv(n_blocks, num_splits) * BLOCK_N
+    num_splits = triton.cdiv(NMAX, keys_per_split)
+    o_part = torch.empty((B * H, num_splits, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((B * H, num_splits, BLOCK_M), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    positions = alibi_positions(key_padding_mask, NMAX, q.device) if alibi_slopes is not None else None
+    kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+    k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
+    _decode_split_kernel[(num_splits, B * H)](
+        q, k_cache, v_cache, cache_lens,
+        alibi_slopes if alibi_slopes is not None else m_part, positions if positions is not None else m_part,
+        kpm if kpm is not None else m_part, o_part, m_part, l_part,
+        *_strides(q), *_strides(k_cache), *_strides(v_cache), H, NQ, NMAX, keys_per_split, scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_ALIBI=alibi_slopes is not None,
+        HAS_POS=positions is not None, HAS_KPM=kpm is not None, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=3 if gpu else 1)
+    _decode_combine_kernel[(B * H,)](o_part, m_part, l_part, out, *_strides(out), H, NQ, num_splits,
+                                     HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, num_warps=4)
+    return out
 
 
 @triton.jit
