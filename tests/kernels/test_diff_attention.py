@@ -152,3 +152,40 @@ def test_large_shapes_on_cuda(dtype):
         assert_close(out, ref, scale=4)
         for g, rg in zip(grads[:3], ref_grads[:3]):
             assert_close(g, rg, scale=8)
+
+
+@pytest.mark.parametrize("heads,bias", [((4, 2), False), ((8, 8), True)])
+def test_module_matches_hf_diffllama_attention(heads, bias):
+    """nn.DifferentialAttention loaded with HF's state dict equals HF's module (eager), forward and gradients."""
+    from transformers import DiffLlamaConfig
+    from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention, DiffLlamaRotaryEmbedding
+
+    from tritonformers.nn import DifferentialAttention
+
+    H, HKV = heads
+    cfg = DiffLlamaConfig(hidden_size=64, num_attention_heads=H, num_key_value_heads=HKV, head_dim=16,
+                          attention_bias=bias)
+    cfg._attn_implementation = "eager"
+    hf = DiffLlamaAttention(cfg, layer_idx=1)
+    ours = DifferentialAttention(cfg, layer_idx=1)
+    ours.load_state_dict(hf.state_dict())
+    B, N = 2, 10
+    x = randn(B, N, 64)
+    cos, sin = DiffLlamaRotaryEmbedding(cfg)(x, torch.arange(N)[None].expand(B, N))
+    mask = torch.ones(B, N, dtype=torch.long)
+    mask[0, :2] = 0
+    allowed = torch.tril(torch.ones(N, N, dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    additive = torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    dout = randn(B, N, 64)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    want = hf(xs[0], (cos, sin), attention_mask=additive)[0]
+    (want * dout * mask[..., None]).sum().backward()
+    with runtime.use_backend("triton"):
+        got = ours(xs[1], (cos, sin), attention_mask=mask)[0]
+    (got * dout * mask[..., None]).sum().backward()
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=2e-5, rtol=1e-4)
+    for name in ("lambda_q1", "lambda_k2", "q_proj.weight", "v_proj.weight"):
+        g = dict(ours.named_parameters())[name].grad
+        torch.testing.assert_close(g, dict(hf.named_parameters())[name].grad, atol=5e-5, rtol=1e-4, msg=name)
