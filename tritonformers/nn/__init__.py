@@ -1,0 +1,12 @@
+"""Drop-in ``torch.nn`` modules built on the tritonformers kernels, with HuggingFace parameter names."""
+
+from . import functional
+from .activation import GELU, SwiGLU
+from .differential_attention import DifferentialAttention
+from .loss import FusedLinearCrossEntropyLoss
+from .normalization import LayerNorm, RMSNorm
+from .reformer_attention import LocalSelfAttention
+
+__all__ = ["functional", "LayerNorm", "RMSNorm", "GELU", "SwiGLU", "FusedLinearCrossEntropyLoss",
+           "LocalSelfAttention",
+           "DifferentialAttention"]
