@@ -11,6 +11,8 @@ import torch  # importing torch does not import triton
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# triton 3.9 warns on every launch that leaves FMA contraction to a default it plans to change; keep it on
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 

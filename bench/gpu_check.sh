@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU check for the device machine (torch 2.11, triton 3.6, transformers 5.17 preinstalled, no internet).
+#
+#   bench/gpu_check.sh [tests | kernels PATTERN... | bench | all]      (default: all = tests, then bench)
+#
+#   tests    the whole test suite on CUDA, slow tests included (-x), junit xml   -> $OUT/tests.log, tests.xml
+#   kernels  `tritonformers bench --filter PATTERN...` (one family, say norm_bandwidth or attention)
+#                                                                               -> $OUT/kernels.log + results
+#   bench    the whole benchmark suite, `tritonformers bench --out $OUT`        -> $OUT/bench.log + results
+#
+# Results are written straight into $OUT as <device>-<YYYYMMDD-HHMM>.json/.md/.png (copy them into
+# bench/results/ to commit them). Each step runs under `timeout` (SIGINT first, so pytest writes its
+# summary and the bench writes the cases it finished; SIGKILL 30 s later): TESTS_TIMEOUT and
+# BENCH_TIMEOUT, 540 s each by default, so one part fits a 10-minute device call; `all` needs two of
+# them back to back, so through the device tool run `tests` and `bench` as separate calls.
+# Extra arguments: PYTEST_ARGS (e.g. "-k norms"), BENCH_ARGS (e.g. "--quick"). PYTHON picks the
+# interpreter (default python3). No pip install: the checkout is put on PYTHONPATH.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/out}"
+PY="${PYTHON:-python3}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-540}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-540}"
+mkdir -p "$OUT"
+
+part="${1:-all}"
+[ $# -gt 0 ] && shift
+
+env_log() {
+    {
+        date -u +"%Y-%m-%dT%H:%M:%SZ"
+        git rev-parse HEAD 2>/dev/null || echo "(no git commit)"
+        nvidia-smi || echo "nvidia-smi failed"
+        "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
+"| triton", triton.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")'
+        "$PY" -c 'import transformers; print("transformers", transformers.__version__)' || echo "transformers missing"
+    } 2>&1 | tee "$OUT/env.log"
+}
+
+run_tests() {
+    echo "== tests (timeout ${TESTS_TIMEOUT}s)"
+    # shellcheck disable=SC2086
+    timeout -s INT -k 30 "$TESTS_TIMEOUT" "$PY" -m pytest tests -q -x -ra --junitxml="$OUT/tests.xml" \
+        ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
+}
+
+run_bench() {  # run_bench LOGNAME [bench args...]
+    local log="$1"; shift
+    echo "== tritonformers bench $* (timeout ${BENCH_TIMEOUT}s)"
+    # shellcheck disable=SC2086
+    timeout -s INT -k 30 "$BENCH_TIMEOUT" "$PY" -m tritonformers bench --out "$OUT" "$@" ${BENCH_ARGS:-} \
+        2>&1 | tee "$OUT/$log.log"
+}
+
+env_log
+status=0
+case "$part" in
+    tests)
+        run_tests || status=$? ;;
+    kernels)
+        if [ $# -eq 0 ]; then
+            echo "usage: $0 kernels PATTERN... (see: $PY -m tritonformers bench --list)" >&2
+            exit 2
+        fi
+        run_bench kernels --filter "$@" || status=$? ;;
+    bench)
+        run_bench bench || status=$? ;;
+    all)
+        run_tests || status=$?
+        run_bench bench || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
+    *)
+        echo "usage: $0 [tests | kernels PATTERN... | bench | all]" >&2
+        exit 2 ;;
+esac
+echo "== done: exit status $status; files in $OUT:"
+ls -l "$OUT"
+exit "$status"

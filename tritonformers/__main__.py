@@ -1,0 +1,7 @@
+"""``python -m tritonformers``: the same command line as the ``tritonformers`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
