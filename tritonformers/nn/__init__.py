@@ -5,8 +5,8 @@ from .activation import GELU, SwiGLU
 from .differential_attention import DifferentialAttention
 from .loss import FusedLinearCrossEntropyLoss
 from .normalization import LayerNorm, RMSNorm
-from .reformer_attention import LocalSelfAttention
+from .reformer_attention import LocalSelfAttention, LSHSelfAttention
 
 __all__ = ["functional", "LayerNorm", "RMSNorm", "GELU", "SwiGLU", "FusedLinearCrossEntropyLoss",
-           "LocalSelfAttention",
+           "LocalSelfAttention", "LSHSelfAttention",
            "DifferentialAttention"]
