@@ -73,3 +73,53 @@ for _chunk in (128,):
                Impl("hf_eager", lambda i: i["module"](i["hidden"]).hidden_states, prepare=_hf_prepare(_chunk), comparable=False,
                     description="HF LocalSelfAttention module incl. q/k/v projections (not the same work)")],
         description="Reformer local attention core, chunk 128, one chunk before, encoder"))
+
+
+# ------------------------------------------------------------------------------------------ LSH module
+
+def _lsh_config(shape):
+    from transformers import ReformerConfig
+    return ReformerConfig(hidden_size=shape["E"], num_attention_heads=shape["H"], attention_head_size=shape["D"],
+                          lsh_attn_chunk_length=shape["C"], lsh_num_chunks_before=1, lsh_num_chunks_after=0,
+                          num_hashes=shape["hashes"], num_buckets=max(2, 2 * shape["N"] // shape["C"]),
+                          hash_seed=1234, lsh_attention_probs_dropout_prob=0.0, max_position_embeddings=shape["N"])
+
+
+def _lsh_setup(shape, dtype, device) -> dict:
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention as HFLSH
+    cfg = _lsh_config(shape)
+    state = {k: v.to(device, dtype) for k, v in HFLSH(cfg, layer_idx=0).state_dict().items()}
+    x = _leaf(torch.randn(shape["B"], shape["N"], shape["E"], device=device).to(dtype))
+    return {"x": x, "config": cfg, "state": state}
+
+
+def _lsh_prepare(kind):
+    def prepare(inputs: dict) -> dict:
+        if kind == "ours":
+            from tritonformers.nn import LSHSelfAttention as cls
+        else:
+            from transformers.models.reformer.modeling_reformer import LSHSelfAttention as cls
+        module = cls(inputs["config"], layer_idx=0)
+        module.load_state_dict(inputs["state"])
+        return {**inputs, "module": module.to(inputs["x"].device, inputs["x"].dtype)}
+    return prepare
+
+
+def _lsh_flops(shape) -> Count:
+    B, N, E, H, D, C, R = (shape[k] for k in ("B", "N", "E", "H", "D", "C", "hashes"))
+    proj = 2 * B * N * E * 2 * H * D
+    attn = 4 * B * H * R * N * 2 * C * D  # every round: each slot against its chunk and the previous one
+    return Count(fwd=proj + attn, fwd_bwd=3 * proj + 3.5 * attn)
+
+
+for _hashes in (2, 4):
+    register(Case(
+        f"lsh_attention_64k_{_hashes}h", setup=_lsh_setup, bound="compute", flops=_lsh_flops, dtype=torch.float16,
+        gpu_shape={"B": 1, "N": 65536, "E": 1024, "H": 8, "D": 128, "C": 256, "hashes": _hashes},
+        cpu_shape={"B": 1, "N": 64, "E": 32, "H": 2, "D": 16, "C": 16, "hashes": _hashes},
+        tokens=lambda s: s["B"] * s["N"],
+        impls=[Impl(OURS, lambda i: i["module"](i["x"]).hidden_states, prepare=_lsh_prepare("ours"),
+                    description="nn.LSHSelfAttention (projections, hashing in torch, fused attention)"),
+               Impl("hf_eager", lambda i: i["module"](i["x"]).hidden_states, prepare=_lsh_prepare("hf"),
+                    description="transformers' LSHSelfAttention, same weights and hash seed")],
+        description=f"LSH self-attention module, chunk 256, {_hashes} hash rounds"))
