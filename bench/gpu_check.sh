@@ -7,6 +7,7 @@
 #   kernels  `tritonformers bench --filter PATTERN...` (one family, say norm_bandwidth or attention)
 #                                                                               -> $OUT/kernels.log + results
 #   bench    the whole benchmark suite, `tritonformers bench --out $OUT`        -> $OUT/bench.log + results
+#   scaling  Reformer local/LSH layer time and memory vs N (4K..512K) vs HF      -> $OUT/scaling.log + json/png
 #
 # Results are written straight into $OUT as <device>-<YYYYMMDD-HHMM>.json/.md/.png (copy them into
 # bench/results/ to commit them). Each step runs under `timeout` (SIGINT first, so pytest writes its
@@ -68,11 +69,15 @@ case "$part" in
         run_bench kernels --filter "$@" || status=$? ;;
     bench)
         run_bench bench || status=$? ;;
+    scaling)
+        echo "== reformer scaling sweep (timeout ${BENCH_TIMEOUT}s)"
+        timeout -s INT -k 30 "$BENCH_TIMEOUT" "$PY" -m tritonformers.benchmarks.scaling --out "$OUT" "$@" \
+            2>&1 | tee "$OUT/scaling.log" || status=$? ;;
     all)
         run_tests || status=$?
         run_bench bench || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
     *)
-        echo "usage: $0 [tests | kernels PATTERN... | bench | all]" >&2
+        echo "usage: $0 [tests | kernels PATTERN... | bench | scaling | all]" >&2
         exit 2 ;;
 esac
 echo "== done: exit status $status; files in $OUT:"
