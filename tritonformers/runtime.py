@@ -147,6 +147,31 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
+MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
+
+
+def check_padding_mask(mask: torch.Tensor | None, name: str, shape: Sequence[int]) -> torch.Tensor | None:
+    """A [batch, keys] padding mask (HF's attention_mask: nonzero = a real token) of an integer or bool dtype."""
+    if mask is not None:
+        check_tensor(mask, name, dtypes=MASK_DTYPES, ndim=2)
+        check_shape(mask, name, shape)
+    return mask
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_probability(value, name: str) -> float:
+    """Raise ``ValueError`` unless ``value`` is a number in [0, 1) (a dropout probability)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_out(out: torch.Tensor | None, name: str, like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """Return ``out`` after checking it can receive a result shaped like ``like`` (or allocate one)."""
     shape = tuple(like.shape) if shape is None else tuple(shape)
@@ -183,5 +208,6 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "BACKENDS", "FLOAT_DTYPES", "get_backend", "use_backend", "interpreter_enabled", "on_gpu", "use_triton",
     "unsupported", "check_tensor", "check_shape", "check_same_device", "check_same_dtype", "check_out",
+    "MASK_DTYPES", "check_padding_mask", "check_int", "check_probability",
     "next_power_of_2", "autotune_configs", "as_rows",
 ]

@@ -56,6 +56,22 @@ def _scores(q, k, offs_m, offs_n, b, NQ, NK, MASK_STRIDE, slope, POS, KPM, qk_sc
 
 
 @triton.jit
+def _online_softmax_step(s, m_i, l_i, NATURAL: tl.constexpr):
+    """One key tile of an online softmax. ``s`` are scores (log2 units, or natural with NATURAL); returns the
+    tile's unnormalised probabilities, the factor rescaling what was accumulated, and the new max and sum.
+    Rows with nothing visible yet (max -inf) keep zeros instead of NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if NATURAL:
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+    else:
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p):
     """Philox keep-mask of one tile; the offset is the flat (bh, i, j) index (wraps past 2^32, harmless)."""
     offsets = (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :]
@@ -100,11 +116,7 @@ def _attn_fwd_kernel(
         k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & (cols < NK)[None, :], other=0.0)
         s = _scores(q, k, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
                     CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, False)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -316,11 +328,7 @@ def _decode_split_kernel(
         s = _scores(q, k, offs_m, cols, b, NQ, n_keys, NMAX, slope, POS, KPM, qk_scale,
                     True, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, False)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
@@ -486,18 +494,18 @@ def _validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p):
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k must have shape [{B}, {H}, Nk, {D}] to match q {list(q.shape)}, got {list(k.shape)}")
     _validate_options(alibi_slopes, key_padding_mask, scale, H, (B, k.shape[2]))
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    runtime.check_probability(dropout_p, "dropout_p")
 
 
 def _validate_options(alibi_slopes, key_padding_mask, scale, num_heads, mask_shape):
     if alibi_slopes is not None:
         runtime.check_tensor(alibi_slopes, "alibi_slopes", dtypes=(torch.float32,))
         runtime.check_shape(alibi_slopes, "alibi_slopes", (num_heads,))
-    if key_padding_mask is not None:
-        runtime.check_tensor(key_padding_mask, "key_padding_mask",
-                             dtypes=(torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64), ndim=2)
-        runtime.check_shape(key_padding_mask, "key_padding_mask", mask_shape)
+    runtime.check_padding_mask(key_padding_mask, "key_padding_mask", mask_shape)
+    check_scale(scale)
+
+
+def check_scale(scale) -> None:
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
 

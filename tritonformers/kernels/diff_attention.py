@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import MAX_HEAD_DIM, _block_d, _precision, _probabilities, _scores, attention_reference
+from .attention import (MAX_HEAD_DIM, _block_d, _online_softmax_step, _precision, _probabilities, _scores,
+                        attention_reference, check_scale)
 
 _NO_ALIBI = dict(HAS_ALIBI=False, HAS_POS=False)
 
@@ -90,11 +91,7 @@ def _diff_fwd_kernel(
 
         s1 = _scores(q1, k1T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
                      CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-        m1_new = tl.maximum(m1, tl.max(s1, 1))
-        m1_safe = tl.where(m1_new == float("-inf"), 0.0, m1_new)
-        p1 = tl.exp2(s1 - m1_safe[:, None])
-        alpha1 = tl.exp2(m1 - m1_safe)
-        l1 = l1 * alpha1 + tl.sum(p1, 1)
+        p1, alpha1, m1_new, l1 = _online_softmax_step(s1, m1, l1, False)
         p1 = p1.to(DT)
         acc1a = acc1a * alpha1[:, None] + tl.dot(p1, va, input_precision=PRECISION)
         acc1b = acc1b * alpha1[:, None] + tl.dot(p1, vb, input_precision=PRECISION)
@@ -102,11 +99,7 @@ def _diff_fwd_kernel(
 
         s2 = _scores(q2, k2T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
                      CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-        m2_new = tl.maximum(m2, tl.max(s2, 1))
-        m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)
-        p2 = tl.exp2(s2 - m2_safe[:, None])
-        alpha2 = tl.exp2(m2 - m2_safe)
-        l2 = l2 * alpha2 + tl.sum(p2, 1)
+        p2, alpha2, m2_new, l2 = _online_softmax_step(s2, m2, l2, False)
         p2 = p2.to(DT)
         acc2a = acc2a * alpha2[:, None] + tl.dot(p2, va, input_precision=PRECISION)
         acc2b = acc2b * alpha2[:, None] + tl.dot(p2, vb, input_precision=PRECISION)
@@ -445,16 +438,12 @@ def _validate(q, k, v, lambda_full, lambda_init, key_padding_mask, eps, scale):
     if HKV % 2 or H % HKV or H % 2:
         raise ValueError(f"differential attention needs an even number of key/value heads dividing the query "
                          f"heads; got {H} query heads (q) and {HKV} key/value heads (k)")
-    if key_padding_mask is not None:
-        runtime.check_tensor(key_padding_mask, "key_padding_mask",
-                             dtypes=(torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64), ndim=2)
-        runtime.check_shape(key_padding_mask, "key_padding_mask", (B, k.shape[2]))
+    runtime.check_padding_mask(key_padding_mask, "key_padding_mask", (B, k.shape[2]))
     if not isinstance(lambda_init, (int, float)):
         raise TypeError(f"lambda_init must be a Python number, got {type(lambda_init).__name__}")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    check_scale(scale)
 
 
 def diff_attention(q, k, v, lambda_full, lambda_init, *, causal=True, key_padding_mask=None, eps=1e-5,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import MAX_HEAD_DIM, _attn_bwd_delta_kernel, _block_d, _precision
+from .attention import MAX_HEAD_DIM, _attn_bwd_delta_kernel, _block_d, _online_softmax_step, _precision
 
 MASK_VALUES = {torch.float64: -1e9, torch.float32: -1e9, torch.bfloat16: -998244352.0, torch.float16: -1e4}
 
@@ -85,11 +85,7 @@ def _local_fwd_kernel(
             kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
             s, _ = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
                                  CAUSAL, HAS_KPM, PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, True)
             if HAS_DROPOUT:
                 keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -281,22 +277,21 @@ def _validate(q, k, v, chunk_length, num_chunks_before, num_chunks_after, key_pa
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k and v must have one shape [B, H, L, D], got {list(q.shape)}, {list(k.shape)}, "
                          f"{list(v.shape)}")
-    for name, value, low in (("chunk_length", chunk_length, 1), ("num_chunks_before", num_chunks_before, 0),
-                             ("num_chunks_after", num_chunks_after, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    L = q.shape[2]
-    if L > chunk_length and L % chunk_length:
-        raise ValueError(f"the sequence length ({L}) must be a multiple of chunk_length ({chunk_length}) "
-                         "when it exceeds it (Reformer pads its inputs)")
-    if key_padding_mask is not None:
-        runtime.check_tensor(key_padding_mask, "key_padding_mask",
-                             dtypes=(torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64), ndim=2)
-        runtime.check_shape(key_padding_mask, "key_padding_mask", (q.shape[0], L))
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    check_chunking(q.shape[2], chunk_length, num_chunks_before, num_chunks_after)
+    runtime.check_padding_mask(key_padding_mask, "key_padding_mask", (q.shape[0], q.shape[2]))
+    runtime.check_probability(dropout_p, "dropout_p")
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}")
+
+
+def check_chunking(seq_len: int, chunk_length, num_chunks_before, num_chunks_after) -> None:
+    """Reformer's chunk options (shared with LSH attention): integers, and L a multiple of the chunk when longer."""
+    runtime.check_int(chunk_length, "chunk_length", 1)
+    runtime.check_int(num_chunks_before, "num_chunks_before", 0)
+    runtime.check_int(num_chunks_after, "num_chunks_after", 0)
+    if seq_len > chunk_length and seq_len % chunk_length:
+        raise ValueError(f"the sequence length ({seq_len}) must be a multiple of chunk_length ({chunk_length}) "
+                         "when it exceeds it (Reformer pads its inputs)")
 
 
 def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_after=0, causal=False,

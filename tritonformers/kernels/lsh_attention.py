@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import MAX_HEAD_DIM, _block_d, _precision
-from .local_attention import MASK_VALUES, look_adjacent
+from .attention import MAX_HEAD_DIM, _block_d, _online_softmax_step, _precision
+from .local_attention import MASK_VALUES, check_chunking, look_adjacent
 
 SELF_MASK_VALUES = {torch.float64: -1e5, torch.float32: -1e5, torch.bfloat16: -99840.0, torch.float16: -1e3}
 KEY_NORM_EPS = 1e-6
@@ -117,11 +117,7 @@ def _lsh_fwd_kernel(
                                                sb, sh, sn, vb, vh, vn, offs_d, d_ok, inv_sqrt_d, HEAD_DIM)
             s, _ = _lsh_scores(q, kT, pos_q, pos_k, slot_ok, b, L, KPM, mask_value, self_value,
                                CAUSAL, HAS_KPM, PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, True)
             if HAS_DROPOUT:
                 keep = _lsh_dropout_keep(seed, bh, slots_q, o * C + in_key_chunk, T, width, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -440,23 +436,14 @@ def _validate(qk, v, chunk_length, num_hashes, num_chunks_before, num_chunks_aft
     runtime.check_same_dtype(qk=qk, v=v)
     if v.shape != qk.shape:
         raise ValueError(f"qk and v must have one shape [B, H, L, D], got {list(qk.shape)} and {list(v.shape)}")
-    for name, value, low in (("chunk_length", chunk_length, 1), ("num_hashes", num_hashes, 1),
-                             ("num_chunks_before", num_chunks_before, 0), ("num_chunks_after", num_chunks_after, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     B, H, L, _ = qk.shape
-    if L > chunk_length and L % chunk_length:
-        raise ValueError(f"the sequence length ({L}) must be a multiple of chunk_length ({chunk_length}) when it "
-                         "exceeds it (Reformer pads its inputs)")
-    if key_padding_mask is not None:
-        runtime.check_tensor(key_padding_mask, "key_padding_mask",
-                             dtypes=(torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64), ndim=2)
-        runtime.check_shape(key_padding_mask, "key_padding_mask", (B, L))
+    check_chunking(L, chunk_length, num_chunks_before, num_chunks_after)
+    runtime.check_int(num_hashes, "num_hashes", 1)
+    runtime.check_padding_mask(key_padding_mask, "key_padding_mask", (B, L))
     if buckets is not None:
         runtime.check_tensor(buckets, "buckets", dtypes=(torch.int64, torch.int32), ndim=4)
         runtime.check_shape(buckets, "buckets", (B, H, num_hashes, L))
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    runtime.check_probability(dropout_p, "dropout_p")
 
 
 def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_chunks_before=1, num_chunks_after=0,
