@@ -1,4 +1,4 @@
-"""The ``tritonformers`` command line: ``tritonformers bench`` (more subcommands join as their models land).
+"""The ``tritonformers`` command line: ``tritonformers bench | generate`` (more join as their models land).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that builds its parser and sets ``func``;
 :data:`SUBCOMMANDS` lists them, so a new one is a function and a line there. Heavy imports (torch,
@@ -75,7 +75,70 @@ def _add_bench(subparsers) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-SUBCOMMANDS = [_add_bench]
+# Families `generate` can run: model_type in config.json -> (model module, class, tokenizer module, class).
+GENERATORS = {
+    "bloom": ("tritonformers.models.bloom", "BloomForCausalLM", "tritonformers.tokenizers.bloom", "BloomTokenizer"),
+}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+    import os
+
+    import torch
+
+    config_file = os.path.join(args.model, "config.json")
+    if not os.path.isfile(config_file):
+        print(f"error: no config.json in {args.model!r} (a local checkpoint directory is needed)", file=sys.stderr)
+        return 2
+    with open(config_file, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in GENERATORS:
+        print(f"error: generate supports model types {sorted(GENERATORS)}, the checkpoint is {model_type!r}",
+              file=sys.stderr)
+        return 2
+    model_module, model_class, tok_module, tok_class = GENERATORS[model_type]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = getattr(importlib.import_module(model_module), model_class).from_pretrained(
+        args.model, dtype=args.dtype, device=device)
+    tokenizer = getattr(importlib.import_module(tok_module), tok_class).from_pretrained(args.tokenizer or args.model)
+    batch = tokenizer(args.prompt, padding=True, padding_side="left", return_tensors="pt")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
+    options.update({k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
+                                      ("top_p", args.top_p)) if v is not None})
+    out = model.generate(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **options)
+    for text in tokenizer.batch_decode(out.cpu(), skip_special_tokens=True):
+        print(text)
+    return 0
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="continue prompts with a local checkpoint",
+        description="Load a local checkpoint directory (config.json, weights, tokenizer.json) and print each "
+                    "prompt with its continuation: greedy by default, beam search with --num-beams, sampling "
+                    "with --do-sample. Prompts are left-padded into one batch.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the checkpoint directory)")
+    p.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                   help="a prompt; repeat the option for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam search width (default 1: greedy)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed torch's generator, for reproducible sampling")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="model dtype (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.set_defaults(func=_cmd_generate)
+
+
+SUBCOMMANDS = [_add_bench, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

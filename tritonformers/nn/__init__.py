@@ -2,6 +2,7 @@
 
 from . import functional
 from .activation import GELU, SwiGLU
+from .attention import ALiBiAttention
 from .differential_attention import DifferentialAttention
 from .loss import FusedLinearCrossEntropyLoss
 from .normalization import LayerNorm, RMSNorm
@@ -9,4 +10,4 @@ from .reformer_attention import LocalSelfAttention, LSHSelfAttention
 
 __all__ = ["functional", "LayerNorm", "RMSNorm", "GELU", "SwiGLU", "FusedLinearCrossEntropyLoss",
            "LocalSelfAttention", "LSHSelfAttention",
-           "DifferentialAttention"]
+           "DifferentialAttention", "ALiBiAttention"]
