@@ -20,7 +20,6 @@ Parameter names, state-dict keys, forward arguments and output attribute names a
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,11 @@ from torch.utils.checkpoint import checkpoint
 from ..nn import LayerNorm
 from ..nn.attention import ALiBiAttention, num_attention_heads, sliced_linear
 from ..nn.functional import fused_linear_cross_entropy, gelu
-from .generation import GenerationConfig, GenerationMixin, KVCache, ModelOutput
+from .generation import GenerationConfig, GenerationMixin, KVCache
+from .outputs import (BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions,
+                      QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput)
+from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
+from .outputs import keep_logits as _keep_logits, on_device as _on, returned as _returned
 from .loading import ConfigBase, PreTrainedMixin
 
 __all__ = [
@@ -63,55 +66,6 @@ class BloomConfig(ConfigBase):
 # ----------------------------------------------------------------------------------------------------------
 # Outputs (transformers' names and field order)
 # ----------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(eq=False)
-class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
-    last_hidden_state: torch.Tensor = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-    cross_attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class CausalLMOutputWithCrossAttentions(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-    cross_attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class SequenceClassifierOutputWithPast(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class TokenClassifierOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class QuestionAnsweringModelOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    start_logits: torch.Tensor = None
-    end_logits: torch.Tensor = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-
-def _returned(output: ModelOutput, return_dict: bool):
-    return output if return_dict else output.to_tuple()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Layers
@@ -334,24 +288,6 @@ def _check_attention_mask(mask, batch: int, length: int):
     return mask.long() if mask.is_floating_point() else mask
 
 
-def _keep_logits(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """HF's ``slice_logits_to_keep``: last k positions (0 = all), 1-D positions, 2-D per-row positions,
-    or a 2-D boolean selection (flattened)."""
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
-        if logits_to_keep.dtype == torch.bool:
-            return hidden[logits_to_keep]
-        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
-    if isinstance(logits_to_keep, int):
-        logits_to_keep = slice(-logits_to_keep, None)
-    return hidden[:, logits_to_keep, :]
-
-
-def _causal_lm_targets(labels: torch.Tensor, shift_labels, ignore_index: int) -> torch.Tensor:
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return shift_labels.long()
-
-
 class BloomForCausalLM(GenerationMixin, BloomPreTrainedModel):
     """BLOOM with its (tied) LM head, HF's ``BloomForCausalLM``, plus ``generate``.
 
@@ -424,29 +360,6 @@ class BloomForCausalLM(GenerationMixin, BloomPreTrainedModel):
         embeds = self.transformer.word_embeddings(input_ids)
         hidden = self.transformer.run_layers(embeds, attention_mask, cache)[0]
         return self.lm_head(hidden[:, -1])
-
-
-def _on(value, device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
-def _classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF's sequence-classification loss; infers ``config.problem_type`` on first use, as HF does."""
-    num_labels = config.num_labels
-    if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif num_labels > 1 and labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    if config.problem_type == "regression":
-        if num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze())
-        return F.mse_loss(logits, labels)
-    if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits, labels)
-    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 class BloomForSequenceClassification(BloomPreTrainedModel):

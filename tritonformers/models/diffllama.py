@@ -33,7 +33,6 @@ Differences from HF, on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -43,9 +42,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import DifferentialAttention, RMSNorm
 from ..nn import functional as TF
-from .bloom import (QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput,
-                    _causal_lm_targets, _classification_loss, _keep_logits, _on, _returned)
-from .generation import GenerationConfig, GenerationMixin, KVCache, ModelOutput
+from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
+                      SequenceClassifierOutputWithPast, TokenClassifierOutput)
+from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
+from .outputs import keep_logits as _keep_logits, on_device as _on, returned as _returned
+from .generation import GenerationConfig, GenerationMixin, KVCache
 from .loading import ConfigBase, PreTrainedMixin
 from .rope import RotaryEmbedding, standardize_rope_parameters
 
@@ -106,21 +107,6 @@ class DiffLlamaConfig(ConfigBase):
 # Outputs (transformers' names and field order; the heads' other outputs are shared with BLOOM)
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(eq=False)
-class BaseModelOutputWithPast(ModelOutput):
-    last_hidden_state: torch.Tensor = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class CausalLMOutputWithPast(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import runtime
+from .outputs import ModelOutput
 
 __all__ = [
     "ModelOutput", "GenerateOutput", "KVCache", "GenerationConfig", "DecodeSession", "CachedDecoderSession",
@@ -57,43 +58,6 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 # ----------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------
-
-class ModelOutput:
-    """Base of the output dataclasses, behaving like transformers' ``ModelOutput``.
-
-    Fields are attributes; ``out["logits"]`` reads one (KeyError when it is None), ``out[i]`` / ``out[a:b]``
-    index :meth:`to_tuple` (the fields that are not None, in order), and ``keys()``/``values()``/
-    ``items()``/``in``/iteration see the non-None fields only, as HF's dict-based outputs do.
-    """
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-
-    def values(self) -> list:
-        return list(self.to_tuple())
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, getattr(self, k)) for k in self.keys()]
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
 
 @dataclasses.dataclass(eq=False)
 class GenerateOutput(ModelOutput):

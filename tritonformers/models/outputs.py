@@ -1,0 +1,158 @@
+"""What every family's models return, and the head arithmetic they share.
+
+Output classes carry transformers' names and field order and behave like its ``ModelOutput`` (attribute,
+key and index access; ``to_tuple`` drops the fields that are None). The helpers are HF's head rules:
+``logits_to_keep`` selection, the causal-LM label shift, the sequence-classification losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class ModelOutput:
+    """Base of the output dataclasses, behaving like transformers' ``ModelOutput``.
+
+    Fields are attributes; ``out["logits"]`` reads one (KeyError when it is None), ``out[i]`` / ``out[a:b]``
+    index :meth:`to_tuple` (the fields that are not None, in order), and ``keys()``/``values()``/
+    ``items()``/``in``/iteration see the non-None fields only, as HF's dict-based outputs do.
+    """
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list:
+        return list(self.to_tuple())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+@dataclasses.dataclass(eq=False)
+class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class CausalLMOutputWithCrossAttentions(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class SequenceClassifierOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class TokenClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    start_logits: torch.Tensor = None
+    end_logits: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+def returned(output: ModelOutput, return_dict: bool):
+    return output if return_dict else output.to_tuple()
+
+
+@dataclasses.dataclass(eq=False)
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+def keep_logits(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """HF's ``slice_logits_to_keep``: last k positions (0 = all), 1-D positions, 2-D per-row positions,
+    or a 2-D boolean selection (flattened)."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        logits_to_keep = slice(-logits_to_keep, None)
+    return hidden[:, logits_to_keep, :]
+
+
+def causal_lm_targets(labels: torch.Tensor, shift_labels, ignore_index: int) -> torch.Tensor:
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.long()
+
+
+def on_device(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's sequence-classification loss; infers ``config.problem_type`` on first use, as HF does."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif num_labels > 1 and labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels)
+    return F.binary_cross_entropy_with_logits(logits, labels)
