@@ -19,7 +19,7 @@ from tritonformers.kernels import attention as A, diff_attention as DA, local_at
 TGT = GPUTarget("cuda", 90, 32)
 FLOATS = {"sm_scale", "dropout_p", "scale", "mask_value", "self_value", "inv_sqrt_d", "out_scale", "eps", "qk_scale", "mask_log2"}
 F32_PTRS = {"LSE", "DELTA", "DSLOPE", "M_PART", "L_PART", "O_PART", "LSE1", "LSE2", "DELTA1", "DELTA2", "DLAMBDA_PART",
-            "SLOPES", "LSE_R", "DELTA_R", "LAMBDA"}
+            "SLOPES", "LSE_R", "DELTA_R", "LAMBDA", "ML_PART"}
 I8_PTRS = {"KPM", "KEEP"}
 I32_PTRS = {"PERM", "POS", "LENS"}
 INTS = {"H", "L", "T", "C", "NQ", "NK", "NCHUNKS", "BEFORE", "AFTER", "SUB_BLOCKS", "HP", "R", "HKV_HALF", "NMAX",
@@ -65,6 +65,9 @@ for dt in ("fp16", "bf16", "fp32"):
         comp(DA._diff_bwd_prep_kernel, dt, dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=64))
         comp(DA._diff_bwd_dkdv_kernel, dt, dm, num_warps=4 if D <= 64 else 8, num_stages=2)
         comp(DA._diff_bwd_dq_kernel, dt, dm, num_warps=4 if D <= 64 else 8, num_stages=2)
+        comp(DA._diff_decode_split_kernel, dt, dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=64, BLOCK_N=64, HAS_KPM=True,
+                                                    PRECISION=PREC[dt]), num_warps=8, num_stages=2)
+        comp(DA._diff_decode_combine_kernel, dt, dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=64))
         lm = dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=64, BLOCK_N=64, CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, PRECISION=PREC[dt])
         for mod, names in ((LA, ("_local_fwd_kernel", "_local_bwd_dkdv_kernel", "_local_bwd_dq_kernel")),
                            (LSH, ("_lsh_fwd_kernel", "_lsh_bwd_dkdv_kernel", "_lsh_bwd_dq_kernel"))):

@@ -189,3 +189,42 @@ def test_module_matches_hf_diffllama_attention(heads, bias):
     for name in ("lambda_q1", "lambda_k2", "q_proj.weight", "v_proj.weight"):
         g = dict(ours.named_parameters())[name].grad
         torch.testing.assert_close(g, dict(hf.named_parameters())[name].grad, atol=5e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("H,HKV,nq,nmax,padded", [(4, 2, 1, 70, True), (8, 2, 3, 40, False), (4, 4, 16, 33, True)])
+def test_decode_matches_reference_and_prefill(dtype, H, HKV, nq, nmax, padded):
+    B, D = 3, 32
+    lens = torch.tensor([nmax, max(nq, nmax // 2), nq], device=DEVICE)
+    q = randn(B, H, nq, D, dtype=dtype)
+    k_cache, v_cache = randn(B, HKV, nmax, D, dtype=dtype), randn(B, HKV, nmax, D, dtype=dtype)
+    lam = torch.tensor(0.37, dtype=dtype, device=DEVICE)
+    kpm = None
+    if padded:  # left padding inside the valid prefix, zeros past it (a static cache's mask)
+        kpm = (torch.arange(nmax, device=DEVICE)[None, :] < lens[:, None]).to(torch.int64)
+        kpm[0, :5] = 0
+    out = torch.full((B, nq, H // 2, 2 * D), float("nan"), dtype=dtype, device=DEVICE)
+    with runtime.use_backend("triton"):
+        got = da.diff_decode_attention(q, k_cache, v_cache, lens, lam, 0.3, key_padding_mask=kpm, out=out)
+    assert got is out
+    ref = da.diff_decode_attention_reference(q, k_cache, v_cache, lens, lam, 0.3, key_padding_mask=kpm)
+    valid = torch.ones(B, nq, dtype=torch.bool)
+    assert_close(got[valid], ref[valid], scale=4)
+    with runtime.use_backend("triton"):  # the prefill kernel over row 0's valid prefix agrees
+        prefill = da.diff_attention(q[:1], k_cache[:1, :, :nmax], v_cache[:1, :, :nmax], lam, 0.3,
+                                    key_padding_mask=None if kpm is None else kpm[:1])
+    assert_close(got[:1], prefill, scale=4)
+
+
+def test_decode_bad_inputs():
+    q, kc = randn(1, 4, 1, 32), randn(1, 2, 16, 32)
+    lam = torch.tensor(0.3, device=DEVICE)
+    lens = torch.tensor([4], device=DEVICE)
+    with pytest.raises(ValueError, match="1 to 16 new queries"):
+        da.diff_decode_attention(randn(1, 4, 17, 32), kc, kc, lens, lam, 0.2)
+    with pytest.raises(TypeError, match="cache_lens must have dtype"):
+        da.diff_decode_attention(q, kc, kc, lens.float(), lam, 0.2)
+    with pytest.raises(ValueError, match="cache_lens must have shape"):
+        da.diff_decode_attention(q, kc, kc, torch.tensor([4, 4], device=DEVICE), lam, 0.2)

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import (MAX_HEAD_DIM, _block_d, _online_softmax_step, _precision, _probabilities, _scores,
-                        attention_reference, check_scale)
+from .attention import (MAX_HEAD_DIM, _block_d, _masked_softmax_attention, _online_softmax_step, _precision,
+                        _probabilities, _scores, attention_reference, check_scale)
 
 _NO_ALIBI = dict(HAS_ALIBI=False, HAS_POS=False)
 
@@ -37,6 +37,26 @@ _NO_ALIBI = dict(HAS_ALIBI=False, HAS_POS=False)
 def _round(x, DTYPE: tl.constexpr):
     """Round float32 values to the model dtype and back (HF rounds after every op in that dtype)."""
     return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _diff_epilogue(acc1a, acc1b, l1, acc2a, acc2b, l2, lam, eps, out_scale, HEAD_DIM: tl.constexpr,
+                   DT: tl.constexpr):
+    """From the two maps' unnormalised accumulators (halves a: v_g, b: v_g') and row sums to the output
+    halves (model dtype), rounding where HF rounds; also returns the normalised attention outputs O1, O2."""
+    inv1 = tl.where(l1 > 0.0, 1.0 / tl.where(l1 > 0.0, l1, 1.0), 0.0)
+    inv2 = tl.where(l2 > 0.0, 1.0 / tl.where(l2 > 0.0, l2, 1.0), 0.0)
+    o1a = _round(acc1a * inv1[:, None], DT)
+    o1b = _round(acc1b * inv1[:, None], DT)
+    o2a = _round(acc2a * inv2[:, None], DT)
+    o2b = _round(acc2b * inv2[:, None], DT)
+    lam = lam.to(tl.float32)
+    ya = _round(o1a - _round(lam * o2a, DT), DT)
+    yb = _round(o1b - _round(lam * o2b, DT), DT)
+    rstd = 1.0 / tl.sqrt((tl.sum(ya * ya, 1) + tl.sum(yb * yb, 1)) / (2 * HEAD_DIM) + eps)
+    outa = (_round(ya * rstd[:, None], DT) * out_scale).to(DT)
+    outb = (_round(yb * rstd[:, None], DT) * out_scale).to(DT)
+    return outa, outb, o1a, o1b, o2a, o2b
 
 
 @triton.jit
@@ -105,20 +125,11 @@ def _diff_fwd_kernel(
         acc2b = acc2b * alpha2[:, None] + tl.dot(p2, vb, input_precision=PRECISION)
         m2 = m2_new
 
-    inv1 = tl.where(l1 > 0.0, 1.0 / tl.where(l1 > 0.0, l1, 1.0), 0.0)
-    inv2 = tl.where(l2 > 0.0, 1.0 / tl.where(l2 > 0.0, l2, 1.0), 0.0)
-    o1a = _round(acc1a * inv1[:, None], DT)
-    o1b = _round(acc1b * inv1[:, None], DT)
-    o2a = _round(acc2a * inv2[:, None], DT)
-    o2b = _round(acc2b * inv2[:, None], DT)
-    lam = tl.load(LAMBDA).to(tl.float32)
-    ya = _round(o1a - _round(lam * o2a, DT), DT)
-    yb = _round(o1b - _round(lam * o2b, DT), DT)
-    rstd = 1.0 / tl.sqrt((tl.sum(ya * ya, 1) + tl.sum(yb * yb, 1)) / (2 * HEAD_DIM) + eps)
-
+    outa, outb, o1a, o1b, o2a, o2b = _diff_epilogue(acc1a, acc1b, l1, acc2a, acc2b, l2, tl.load(LAMBDA), eps,
+                                                    out_scale, HEAD_DIM, DT)
     out_rows = ((b * NQ + offs_m[:, None]) * HP + j) * (2 * HEAD_DIM) + offs_d[None, :]
-    tl.store(OUT + out_rows, (_round(ya * rstd[:, None], DT) * out_scale).to(DT), mask=q_mask)
-    tl.store(OUT + out_rows + HEAD_DIM, (_round(yb * rstd[:, None], DT) * out_scale).to(DT), mask=q_mask)
+    tl.store(OUT + out_rows, outa, mask=q_mask)
+    tl.store(OUT + out_rows + HEAD_DIM, outb, mask=q_mask)
     if SAVE_O:
         tl.store(O1 + out_rows, o1a.to(DT), mask=q_mask)
         tl.store(O1 + out_rows + HEAD_DIM, o1b.to(DT), mask=q_mask)
@@ -315,6 +326,126 @@ def _diff_bwd_dq_kernel(
              mask=mask)
 
 
+@triton.jit
+def _diff_decode_split_kernel(
+    Q, K, V, LENS, KPM, O_PART, ML_PART,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    HP, R, HKV_HALF, NQ, NMAX, KEYS_PER_SPLIT, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Differential flash-decoding, step 1. Program (split, b * HKV_HALF + g): the R pairs of KV group g times
+    the NQ new queries form the tile rows (row m = pair g*R + m // NQ, query m % NQ), so k_g, k_g', v_g, v_g'
+    are read once per group; keys [split * KEYS_PER_SPLIT, ...) of the first LENS[b] slots, causal bottom-right.
+    Writes both maps' unnormalised accumulators (O_PART [.., 4, BLOCK_M, BLOCK_D]) and (max, sum) pairs
+    (ML_PART [.., 4, BLOCK_M]), float32. The grid depends only on the capacity: CUDA-graph friendly."""
+    split = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV_HALF
+    g = pid_bg % HKV_HALF
+    g2 = g + HKV_HALF
+    DT = Q.dtype.element_ty
+    n_keys = tl.load(LENS + b).to(tl.int32)
+    rows = tl.arange(0, BLOCK_M)
+    pair = g * R + rows // NQ
+    query = rows % NQ
+    row_ok = rows < R * NQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q1 = tl.load(Q + b * sqb + pair[:, None] * sqh + query[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)
+    q2 = tl.load(Q + b * sqb + (pair + HP)[:, None] * sqh + query[:, None] * sqn + offs_d[None, :], mask=q_mask,
+                 other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m2 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc1b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc2a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc2b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * KEYS_PER_SPLIT
+    hi = tl.minimum(lo + KEYS_PER_SPLIT, n_keys)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        kT_mask = d_ok[:, None] & col_ok[None, :]
+        k1T = tl.load(K + b * skb + g * skh + cols[None, :] * skn + offs_d[:, None], mask=kT_mask, other=0.0)
+        k2T = tl.load(K + b * skb + g2 * skh + cols[None, :] * skn + offs_d[:, None], mask=kT_mask, other=0.0)
+        v_mask = col_ok[:, None] & d_ok[None, :]
+        va = tl.load(V + b * svb + g * svh + cols[:, None] * svn + offs_d[None, :], mask=v_mask, other=0.0)
+        vb = tl.load(V + b * svb + g2 * svh + cols[:, None] * svn + offs_d[None, :], mask=v_mask, other=0.0)
+        s1 = _scores(q1, k1T, query, cols, b, NQ, n_keys, NMAX, 0.0, KPM, KPM, qk_scale,
+                     True, False, False, HAS_KPM, DT, PRECISION)
+        s1 = tl.where(col_ok[None, :], s1, float("-inf"))
+        p1, alpha1, m1, l1 = _online_softmax_step(s1, m1, l1, False)
+        p1 = p1.to(DT)
+        acc1a = acc1a * alpha1[:, None] + tl.dot(p1, va, input_precision=PRECISION)
+        acc1b = acc1b * alpha1[:, None] + tl.dot(p1, vb, input_precision=PRECISION)
+        s2 = _scores(q2, k2T, query, cols, b, NQ, n_keys, NMAX, 0.0, KPM, KPM, qk_scale,
+                     True, False, False, HAS_KPM, DT, PRECISION)
+        s2 = tl.where(col_ok[None, :], s2, float("-inf"))
+        p2, alpha2, m2, l2 = _online_softmax_step(s2, m2, l2, False)
+        p2 = p2.to(DT)
+        acc2a = acc2a * alpha2[:, None] + tl.dot(p2, va, input_precision=PRECISION)
+        acc2b = acc2b * alpha2[:, None] + tl.dot(p2, vb, input_precision=PRECISION)
+    part = (pid_bg * tl.num_programs(0) + split) * 4
+    tile = rows[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(O_PART + (part + 0) * BLOCK_M * BLOCK_D + tile, acc1a)
+    tl.store(O_PART + (part + 1) * BLOCK_M * BLOCK_D + tile, acc1b)
+    tl.store(O_PART + (part + 2) * BLOCK_M * BLOCK_D + tile, acc2a)
+    tl.store(O_PART + (part + 3) * BLOCK_M * BLOCK_D + tile, acc2b)
+    tl.store(ML_PART + (part + 0) * BLOCK_M + rows, m1)
+    tl.store(ML_PART + (part + 1) * BLOCK_M + rows, l1)
+    tl.store(ML_PART + (part + 2) * BLOCK_M + rows, m2)
+    tl.store(ML_PART + (part + 3) * BLOCK_M + rows, l2)
+
+
+@triton.jit
+def _merge_splits(O_PART, ML_PART, pid_bg, NUM_SPLITS, which, rows, tile, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """One map's partials merged over the splits: (acc for v_g, acc for v_g', row sum), all at one max."""
+    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        m_all = tl.maximum(m_all, tl.load(ML_PART + ((pid_bg * NUM_SPLITS + split) * 4 + 2 * which) * BLOCK_M + rows))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        part = (pid_bg * NUM_SPLITS + split) * 4 + 2 * which
+        w = tl.exp2(tl.load(ML_PART + part * BLOCK_M + rows) - m_safe)
+        l_all += w * tl.load(ML_PART + (part + 1) * BLOCK_M + rows)
+        acc_a += w[:, None] * tl.load(O_PART + part * BLOCK_M * BLOCK_D + tile)
+        acc_b += w[:, None] * tl.load(O_PART + (part + 1) * BLOCK_M * BLOCK_D + tile)
+    return acc_a, acc_b, l_all
+
+
+@triton.jit
+def _diff_decode_combine_kernel(O_PART, ML_PART, LAMBDA, OUT, HP, R, HKV_HALF, NQ, NUM_SPLITS, out_scale, eps,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Differential flash-decoding, step 2: per (b, g) merge the splits of both maps and run the epilogue;
+    OUT is [B, NQ, HP, 2 * HEAD_DIM]."""
+    pid_bg = tl.program_id(0)
+    b = pid_bg // HKV_HALF
+    g = pid_bg % HKV_HALF
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = rows[:, None] * BLOCK_D + offs_d[None, :]
+    acc1a, acc1b, l1 = _merge_splits(O_PART, ML_PART, pid_bg, NUM_SPLITS, 0, rows, tile, BLOCK_M, BLOCK_D)
+    acc2a, acc2b, l2 = _merge_splits(O_PART, ML_PART, pid_bg, NUM_SPLITS, 1, rows, tile, BLOCK_M, BLOCK_D)
+    DT = OUT.dtype.element_ty
+    outa, outb, _, _, _, _ = _diff_epilogue(acc1a, acc1b, l1, acc2a, acc2b, l2, tl.load(LAMBDA), eps, out_scale,
+                                            HEAD_DIM, DT)
+    pair = g * R + rows // NQ
+    query = rows % NQ
+    mask = (rows < R * NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    out_rows = ((b * NQ + query[:, None]) * HP + pair[:, None]) * (2 * HEAD_DIM) + offs_d[None, :]
+    tl.store(OUT + out_rows, outa, mask=mask)
+    tl.store(OUT + out_rows + HEAD_DIM, outb, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 
 def _blocks(head_dim: int, gpu: bool) -> tuple[int, int, int, int]:
@@ -474,6 +605,13 @@ def diff_attention_reference(q, k, v, lambda_full, lambda_init, *, causal=True, 
     """HF's eager data flow (specs/diffllama.md §5.2): V split over its KV heads into halves, each tiled
     twice; two GQA attentions (float32 softmax, probabilities cast back before P·V); concatenation; head
     halves paired; P - lambda N; RMSNorm over 2D in float32, cast back; times (1 - lambda_init)."""
+    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return _diff_combine(q, k, v, lambda_full, lambda_init, eps,
+                         lambda q_, k_, v_: attention_reference(q_, k_, v_, **kw))
+
+
+def _diff_combine(q, k, v, lambda_full, lambda_init, eps, attend):
+    """The differential data flow around an attention function ``attend(q, k, v) -> [B, H, N, D]``."""
     B, H, NQ, D = q.shape
     HKV = k.shape[1]
     r = H // HKV
@@ -481,9 +619,90 @@ def diff_attention_reference(q, k, v, lambda_full, lambda_init, *, causal=True, 
     k_rep = k.repeat_interleave(r, dim=1)
     v1 = torch.cat([va, va], dim=1).repeat_interleave(r, dim=1)
     v2 = torch.cat([vb, vb], dim=1).repeat_interleave(r, dim=1)
-    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    o = torch.cat([attention_reference(q, k_rep, v1, **kw), attention_reference(q, k_rep, v2, **kw)], dim=-1)
-    o = o.transpose(1, 2)  # [B, N, H, 2D]
+    o = torch.cat([attend(q, k_rep, v1), attend(q, k_rep, v2)], dim=-1).transpose(1, 2)  # [B, N, H, 2D]
     y = o[:, :, : H // 2] - lambda_full.reshape(()) * o[:, :, H // 2:]
     y = torch.nn.functional.rms_norm(y.float(), (2 * D,), eps=eps).to(q.dtype)
     return (1 - lambda_init) * y
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+MAX_DECODE_ROWS = 128  # (query heads per KV head) x (new queries) per program
+
+
+def diff_decode_attention(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, *, key_padding_mask=None,
+                          eps=1e-5, scale=None, out=None):
+    """Differential attention of 1-16 new queries per sequence against a preallocated KV cache (inference).
+
+    q [B, H, Nq, D]; k_cache/v_cache [B, Hkv, Nmax, D] whose first ``cache_lens[b]`` slots are valid and already
+    hold the new tokens' (rotated) keys and values, the new queries being the last Nq of them (causal
+    bottom-right); cache_lens [B] int32/int64 on the device (>= Nq, not checked: that would synchronise);
+    key_padding_mask [B, Nmax] (1 = real token). Returns [B, Nq, H/2, 2D] (or writes ``out``), as
+    :func:`diff_attention` on the valid prefix would. Keys are split across programs and each program serves a
+    whole KV group, so K/V are read once per step; the launch depends only on shapes (CUDA-graph friendly).
+    """
+    _validate_decode(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, key_padding_mask, eps, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if runtime.use_triton(q, op="diff_decode_attention"):
+        rows = (q.shape[1] // k_cache.shape[1]) * q.shape[2]
+        if q.shape[-1] > MAX_HEAD_DIM:
+            runtime.unsupported("diff_decode_attention", f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})")
+        elif rows > MAX_DECODE_ROWS:
+            runtime.unsupported("diff_decode_attention", f"{rows} query rows per KV group (at most {MAX_DECODE_ROWS})")
+        else:
+            return _diff_decode_launch(q, k_cache, v_cache, cache_lens, lambda_full.reshape(()), float(lambda_init),
+                                       key_padding_mask, float(eps), scale, out)
+    result = diff_decode_attention_reference(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init,
+                                             key_padding_mask=key_padding_mask, eps=eps, scale=scale)
+    return result if out is None else out.copy_(result)
+
+
+def diff_decode_attention_reference(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, *,
+                                    key_padding_mask=None, eps=1e-5, scale=None):
+    """Eager oracle of :func:`diff_decode_attention`: the differential data flow over each row's valid prefix
+    (no host synchronisation, so it can be captured in a CUDA graph too)."""
+    NQ, NMAX = q.shape[2], k_cache.shape[2]
+    i = torch.arange(NQ, device=q.device)[None, :, None]
+    j = torch.arange(NMAX, device=q.device)[None, None, :]
+    lens = cache_lens.to(torch.long)[:, None, None]
+    visible = ((j < lens) & (j <= lens - NQ + i))[:, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.bool()[:, None, None, :]
+    def attend(q_, k_, v_):
+        return _masked_softmax_attention(q_, k_, v_, scale, None, visible, torch.float32, 0.0, None)[0]
+    return _diff_combine(q, k_cache, v_cache, lambda_full, lambda_init, eps, attend)
+
+
+def _validate_decode(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, key_padding_mask, eps, scale):
+    _validate(q, k_cache, v_cache, lambda_full, lambda_init, key_padding_mask, eps, scale)
+    runtime.check_tensor(cache_lens, "cache_lens", dtypes=(torch.int32, torch.int64), ndim=1)
+    runtime.check_shape(cache_lens, "cache_lens", (q.shape[0],))
+    runtime.check_same_device(q=q, cache_lens=cache_lens)
+    if not 1 <= q.shape[2] <= 16:
+        raise ValueError(f"q must hold 1 to 16 new queries per sequence, got {q.shape[2]}")
+
+
+def _diff_decode_launch(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, key_padding_mask, eps, scale,
+                        out):
+    B, H, NQ, D, HKV, NMAX, HP, R, HKV_HALF = _geometry(q, k_cache)
+    out = runtime.check_out(out, "out", q, shape=(B, NQ, HP, 2 * D))
+    gpu = runtime.on_gpu(q)
+    BLOCK_M, BLOCK_N, BLOCK_D = max(16, runtime.next_power_of_2(R * NQ)), (64 if gpu else 32), _block_d(D)
+    n_blocks = triton.cdiv(NMAX, BLOCK_N)
+    want = triton.cdiv(2 * torch.cuda.get_device_properties(q.device).multi_processor_count,
+                       B * HKV_HALF) if gpu else 3
+    keys_per_split = triton.cdiv(n_blocks, max(1, min(n_blocks, want))) * BLOCK_N
+    num_splits = triton.cdiv(NMAX, keys_per_split)
+    o_part = torch.empty((B * HKV_HALF, num_splits, 4, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
+    ml_part = torch.empty((B * HKV_HALF, num_splits, 4, BLOCK_M), dtype=torch.float32, device=q.device)
+    kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+    k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
+    _diff_decode_split_kernel[(num_splits, B * HKV_HALF)](
+        q, k_cache, v_cache, cache_lens, kpm if kpm is not None else ml_part, o_part, ml_part,
+        *_strides(q), *_strides(k_cache), *_strides(v_cache), HP, R, HKV_HALF, NQ, NMAX, keys_per_split, scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_KPM=kpm is not None,
+        PRECISION=_precision(q.dtype), num_warps=4 if BLOCK_M <= 32 else 8, num_stages=2 if gpu else 1)
+    _diff_decode_combine_kernel[(B * HKV_HALF,)](
+        o_part, ml_part, lambda_full, out, HP, R, HKV_HALF, NQ, num_splits, 1.0 - lambda_init, eps,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, num_warps=4)
+    return out

@@ -153,7 +153,8 @@ class DiffLlamaAttention(DifferentialAttention):
       the step's positions, then the N queries attend to the first ``kv_length`` cached positions
       (``attention_mask`` [B, kv_length]), causal aligned bottom-right; ``kv_length=None`` attends to the
       whole capacity with a [B, capacity] mask that is 0 past the valid keys (a one-token decode step
-      whose shapes never change: CUDA-graph safe). When the step is the whole cache (``kv_length == N``)
+      whose shapes never change: CUDA-graph safe), through the split-K decode kernel when no gradient is
+      wanted. When the step is the whole cache (``kv_length == N``)
       the fresh k/v are used directly, so gradients reach k_proj/v_proj;
     * ``segments``: per batch row the (start, end) bounds of packed sequences (HF's block-diagonal mask);
     * ``allowed`` [B, 1, N, Nk] bool: also return HF's eager attention probabilities of the first map.
@@ -178,7 +179,11 @@ class DiffLlamaAttention(DifferentialAttention):
                 if kv_length is not None:
                     k, v = k[:, :, :kv_length], v[:, :, :kv_length]
         lam = TF.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
-        if segments is None:
+        if past_key_values is not None and kv_length is None and N <= 16 and not torch.is_grad_enabled():
+            # a decode step over the static capacity: the split-K kernel reads only each row's valid keys
+            y = TF.diff_decode_attention(q, k, v, past_key_values.lens, lam, self.lambda_init,
+                                         key_padding_mask=attention_mask, eps=self.eps)
+        elif segments is None:
             y = TF.diff_attention(q, k, v, lam, self.lambda_init, causal=True, key_padding_mask=attention_mask,
                                   eps=self.eps)
         else:

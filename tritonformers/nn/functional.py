@@ -8,7 +8,8 @@ from ..kernels.activations import gelu, gelu_reference, swiglu, swiglu_reference
 from ..kernels.attention import (alibi_slopes, attention, attention_reference, decode_attention,
                                  decode_attention_reference)
 from ..kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-from ..kernels.diff_attention import diff_attention, diff_attention_reference, diff_lambda
+from ..kernels.diff_attention import (diff_attention, diff_attention_reference, diff_decode_attention,
+                                      diff_decode_attention_reference, diff_lambda)
 from ..kernels.local_attention import local_attention, local_attention_reference
 from ..kernels.lsh_attention import lsh_attention, lsh_attention_reference
 from ..kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
@@ -20,6 +21,7 @@ __all__ = [
     "apply_rotary", "apply_rotary_reference",
     "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference",
     "attention", "attention_reference", "decode_attention", "decode_attention_reference", "alibi_slopes",
-    "diff_attention", "diff_attention_reference", "diff_lambda", "local_attention", "local_attention_reference",
+    "diff_attention", "diff_attention_reference", "diff_lambda", "diff_decode_attention",
+    "diff_decode_attention_reference", "local_attention", "local_attention_reference",
     "lsh_attention", "lsh_attention_reference",
 ]
