@@ -20,7 +20,6 @@ Parameter names, state-dict keys, forward arguments and output attribute names a
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ from .generation import GenerationConfig, GenerationMixin, KVCache
 from .outputs import (BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions,
                       QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput)
 from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
-from .outputs import keep_logits as _keep_logits, on_device as _on, returned as _returned
+from .outputs import keep_logits as _keep_logits, last_token_states as _last_token_states, on_device as _on
+from .outputs import returned as _returned
 from .loading import ConfigBase, PreTrainedMixin
 
 __all__ = [
@@ -382,19 +382,7 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
         base = self.transformer(input_ids, past_key_values, attention_mask, inputs_embeds, use_cache,
                                 output_attentions, output_hidden_states, return_dict=True)
         hidden = base.last_hidden_state
-        B = hidden.shape[0]
-        pad = self.config.pad_token_id
-        if pad is None and B != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-        if pad is None or input_ids is None:
-            if pad is not None:
-                warnings.warn(f"{type(self).__name__} will not detect padding tokens in `inputs_embeds`; the last "
-                              "position is used", stacklevel=2)
-            last = torch.full((B,), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
-        else:
-            non_pad = (input_ids != pad).to(hidden.device, torch.int32)
-            last = (torch.arange(input_ids.shape[-1], device=hidden.device, dtype=torch.int32) * non_pad).argmax(-1)
-        pooled = self.score(hidden[torch.arange(B, device=hidden.device), last])
+        pooled = self.score(_last_token_states(hidden, input_ids, self.config.pad_token_id, type(self).__name__))
         loss = _classification_loss(self.config, pooled, labels.to(pooled.device)) if labels is not None else None
         out = SequenceClassifierOutputWithPast(loss, pooled, base.past_key_values, base.hidden_states,
                                                base.attentions)

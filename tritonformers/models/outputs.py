@@ -8,6 +8,7 @@ key and index access; ``to_tuple`` drops the fields that are None). The helpers 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -156,3 +157,22 @@ def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> t
     if config.problem_type == "single_label_classification":
         return F.cross_entropy(logits, labels)
     return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def last_token_states(hidden: torch.Tensor, input_ids, pad_token_id, warn_for: str | None = None) -> torch.Tensor:
+    """HF's pooling for sequence classification: each row's hidden state at its rightmost non-pad token
+    (argmax of position * (token != pad): works for left and right padding; an all-pad row gives 0), or at the
+    last position when there is no pad id (batch 1 only) or no input_ids (``warn_for`` names the model that
+    warns, as HF's BLOOM does)."""
+    B = hidden.shape[0]
+    if pad_token_id is None and B != 1:
+        raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+    if pad_token_id is None or input_ids is None:
+        if pad_token_id is not None and warn_for is not None:
+            warnings.warn(f"{warn_for} will not detect padding tokens in `inputs_embeds`; the last position is used",
+                          stacklevel=3)
+        last = torch.full((B,), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
+    else:
+        non_pad = (input_ids != pad_token_id).to(hidden.device, torch.int32)
+        last = (torch.arange(input_ids.shape[-1], device=hidden.device, dtype=torch.int32) * non_pad).argmax(-1)
+    return hidden[torch.arange(B, device=hidden.device), last]
