@@ -6,8 +6,12 @@ from .attention import ALiBiAttention
 from .differential_attention import DifferentialAttention
 from .loss import FusedLinearCrossEntropyLoss
 from .normalization import LayerNorm, RMSNorm
+from .quantization import (IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantEmbedding, QuantLinear, QuantTensor,
+                           quant_attention)
 from .reformer_attention import LocalSelfAttention, LSHSelfAttention
 
 __all__ = ["functional", "LayerNorm", "RMSNorm", "GELU", "SwiGLU", "FusedLinearCrossEntropyLoss",
            "LocalSelfAttention", "LSHSelfAttention",
-           "DifferentialAttention", "ALiBiAttention"]
+           "DifferentialAttention", "ALiBiAttention",
+           "QuantLinear", "QuantAct", "IntGELU", "IntSoftmax", "IntLayerNorm", "QuantEmbedding", "QuantTensor",
+           "quant_attention"]

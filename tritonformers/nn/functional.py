@@ -10,6 +10,11 @@ from ..kernels.attention import (alibi_slopes, attention, attention_reference, d
 from ..kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from ..kernels.diff_attention import (diff_attention, diff_attention_reference, diff_decode_attention,
                                       diff_decode_attention_reference, diff_lambda)
+from ..kernels.int_gemm import int_attention, int_attention_reference, int_linear, int_linear_reference
+from ..kernels.int_ops import (fixed_point, gelu_constants, int_gelu, int_gelu_reference, int_layer_norm,
+                               int_layer_norm_reference, int_softmax, int_softmax_reference, layer_norm_constants,
+                               quantize, quantize_reference, requant_params, requantize, requantize_reference,
+                               softmax_constants, symmetric_scale)
 from ..kernels.local_attention import local_attention, local_attention_reference
 from ..kernels.lsh_attention import lsh_attention, lsh_attention_reference
 from ..kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
@@ -24,4 +29,8 @@ __all__ = [
     "diff_attention", "diff_attention_reference", "diff_lambda", "diff_decode_attention",
     "diff_decode_attention_reference", "local_attention", "local_attention_reference",
     "lsh_attention", "lsh_attention_reference",
+    "int_attention", "int_attention_reference", "int_linear", "int_linear_reference", "fixed_point",
+    "gelu_constants", "int_gelu", "int_gelu_reference", "int_layer_norm", "int_layer_norm_reference", "int_softmax",
+    "int_softmax_reference", "layer_norm_constants", "quantize", "quantize_reference", "requant_params",
+    "requantize", "requantize_reference", "softmax_constants", "symmetric_scale",
 ]

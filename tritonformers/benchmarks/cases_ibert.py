@@ -1,0 +1,78 @@
+"""Benchmark cases for I-BERT's integer kernels.
+
+``int8_gemm_8192`` (DESIGN.md's speed table): int8 x int8 -> int32 at 8192^3, 2·M·N·K integer ops,
+against ``torch._int_mm`` (cuBLASLt, the oracle: both are exact) and a bf16 matmul of the same shape as
+a reference rate (a different function: timed, not checked). ``int8_linear_ffn``: I-BERT's FFN up-projection
+at roberta-base shape, B32 N128 (M 4096, K 768, N 3072), with its fused epilogue (int32 bias, IntGELU,
+per-channel requantization to int8), against ``torch._int_mm`` followed by the same epilogue in torch's
+eager integer ops (the unfused reference, also the oracle). Integer cases: ``int_ops=True``, forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import OURS, Case, Count, Impl, register
+
+
+def _int8(*shape: int, device) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, device=device, dtype=torch.int8)
+
+
+def _gemm_setup(shape, dtype, device) -> dict:
+    M, N, K = shape["M"], shape["N"], shape["K"]
+    a, w = _int8(M, K, device=device), _int8(N, K, device=device)
+    return {"a": a, "w": w, "a_bf16": a.to(torch.bfloat16), "w_bf16": w.to(torch.bfloat16)}
+
+
+def _gemm_ops(shape) -> Count:
+    return Count(fwd=2 * shape["M"] * shape["N"] * shape["K"])
+
+
+def _gemm_ours(i):
+    from tritonformers.kernels.int_gemm import int_linear
+    return int_linear(i["a"], i["w"])
+
+
+register(
+    Case("int8_gemm_8192", setup=_gemm_setup, dtype=torch.int8, bound="compute", int_ops=True, backward=False,
+         flops=_gemm_ops, gpu_shape={"M": 8192, "N": 8192, "K": 8192}, cpu_shape={"M": 64, "N": 64, "K": 128},
+         impls=[Impl(OURS, _gemm_ours, description="int_linear(a, w): int8 wgmma, int32 out"),
+                Impl("torch_int_mm", lambda i: torch._int_mm(i["a"], i["w"].t()),
+                     description="torch._int_mm(a, w.t()) (cuBLASLt int8, int32 out)"),
+                Impl("bf16_matmul", lambda i: i["a_bf16"] @ i["w_bf16"].t(), comparable=False,
+                     description="bf16 a @ w.t(): the dense bf16 rate at the same shape, for reference")],
+         description="int8 x int8 -> int32 GEMM, A [M, K] row-major, W [N, K] row-major (a linear layer)"),
+)
+
+
+def _ffn_setup(shape, dtype, device) -> dict:
+    from tritonformers.kernels import int_ops as io
+    M, N, K = shape["M"], shape["N"], shape["K"]
+    acc_scale = torch.rand(N, device=device) * 1e-4 + 2e-5
+    gelu = io.gelu_constants(acc_scale)
+    return {"x": _int8(M, K, device=device), "w": _int8(N, K, device=device),
+            "bias": torch.randint(-2 ** 16, 2 ** 16, (N,), device=device, dtype=torch.int32), "gelu": gelu,
+            "requant": io.requant_params(gelu.scale, torch.full((1,), 0.02, device=device))}
+
+
+def _ffn_ours(i):
+    from tritonformers.kernels.int_gemm import int_linear
+    return int_linear(i["x"], i["w"], i["bias"], gelu=i["gelu"], requant=i["requant"], bits=8)
+
+
+def _ffn_unfused(i):
+    from tritonformers.kernels.int_ops import int_gelu_reference
+    acc = torch._int_mm(i["x"], i["w"].t()) + i["bias"]
+    return int_gelu_reference(acc, i["gelu"], i["requant"], 8)
+
+
+register(
+    Case("int8_linear_ffn", setup=_ffn_setup, dtype=torch.int8, bound="compute", int_ops=True, backward=False,
+         flops=_gemm_ops, gpu_shape={"M": 4096, "N": 3072, "K": 768}, cpu_shape={"M": 32, "N": 96, "K": 64},
+         tokens=lambda s: s["M"],
+         impls=[Impl(OURS, _ffn_ours, description="int_linear with bias + IntGELU + requant fused (int8 out)"),
+                Impl("torch_eager", _ffn_unfused,
+                     description="torch._int_mm + bias, then the IntGELU/requant reference in torch int64 ops")],
+         description="I-BERT FFN up-projection (roberta-base, B32 N128): int8 GEMM + int32 bias + IntGELU + int8"),
+)
