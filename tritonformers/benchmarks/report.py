@@ -160,7 +160,7 @@ def markdown(data: dict) -> str:
         lines += [f"> **{data['note']}**", ""]
     if data.get("interrupted"):
         lines += ["> **Interrupted: only the cases that finished are listed.**", ""]
-    lines += ["| case | shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | TFLOP/s | TB/s | % ceiling "
+    lines += ["| case | shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | TFLOP/s (TOPS int) | TB/s | % ceiling "
               "| speed-up | check |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for row in data["results"]:
