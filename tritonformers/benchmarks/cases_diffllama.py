@@ -3,7 +3,7 @@
 The module is projections + RoPE + attention + o_proj. FLOPs: the projections 2·B·N·E·(2H + 2Hkv)·D, and
 the two causal softmax maps against the 2D-wide value as HF's two calls count them, 2 x 4·B·H·N²·2D / 2.
 Forward+backward counts 3x the projections and 3.5x the attention.
-Baselines: HF's DiffLlamaAttention with sdpa and with eager, in the same run.
+Baselines: HF's DiffLlamaAttention with sdpa and with eager, and a two-call FlexAttention version, in the same run.
 
 Model cases at DiffLlama-1B's shape (specs/diffllama.md §10), ours against transformers (sdpa) with the same
 random weights: ``diffllama1b_train_b1_n4096``, forward + LM loss + backward + AdamW step, bf16 weights, peak
@@ -72,11 +72,45 @@ def _hf_call(i):
     return i["module"](i["x"], (i["cos"], i["sin"]), attention_mask=mask)[0]
 
 
+def _flex_prepare(inputs: dict) -> dict:
+    """HF's module for the projections and weights; the attention as two FlexAttention calls (GQA, causal block
+    mask) over the two value halves, then HF's combination, group norm and scale."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention, apply_rotary_pos_emb
+
+    from tritonformers.kernels.diff_attention import diff_lambda
+    module = DiffLlamaAttention(inputs["config"], layer_idx=1)
+    module.load_state_dict(inputs["state"])
+    module = module.to(inputs["x"].device, inputs["x"].dtype)
+    N = inputs["x"].shape[1]
+    mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, N, N, device=inputs["x"].device)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(i):
+        x, m = i["x"], module
+        B, N, _ = x.shape
+        D, H, KV = m.head_dim, m.config.num_attention_heads, m.config.num_key_value_heads
+        q = m.q_proj(x).view(B, N, H, D).transpose(1, 2)
+        k = m.k_proj(x).view(B, N, KV, D).transpose(1, 2)
+        v = m.v_proj(x).view(B, N, KV, D).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, i["cos"], i["sin"])
+        v1, v2 = (t.repeat(1, 2, 1, 1) for t in torch.chunk(v, 2, dim=1))
+        o = torch.cat([flex(q, k, v1, block_mask=mask, enable_gqa=True),
+                       flex(q, k, v2, block_mask=mask, enable_gqa=True)], dim=-1).transpose(1, 2)
+        lam = diff_lambda(m.lambda_q1, m.lambda_k1, m.lambda_q2, m.lambda_k2, m.lambda_init)
+        y = o[:, :, : H // 2] - lam * o[:, :, H // 2:]
+        y = (1 - m.lambda_init) * m.groupnorm(y)
+        return m.o_proj(y.reshape(B, N, H * D))
+    return {**inputs, "flex_module": run}
+
+
 _IMPLS = [
     Impl(OURS, lambda i: i["module"](i["x"], (i["cos"], i["sin"]))[0], prepare=_module_prepare("ours"),
          description="nn.DifferentialAttention (fused kernel)"),
     Impl("hf_sdpa", _hf_call, prepare=_module_prepare("sdpa"), description="DiffLlamaAttention, sdpa"),
     Impl("hf_eager", _hf_call, prepare=_module_prepare("eager"), description="DiffLlamaAttention, eager"),
+    Impl("flex", lambda i: i["flex_module"](i), prepare=_flex_prepare, cuda_only=True,
+         description="HF's projections + two FlexAttention calls (GQA, causal block mask) + HF's combine"),
 ]
 
 register(
@@ -84,7 +118,7 @@ register(
          gpu_shape={"B": 1, "N": 4096, "E": 2048, "H": 32, "KV": 32},
          cpu_shape={"B": 1, "N": 32, "E": 64, "H": 4, "KV": 4}, tokens=lambda s: s["B"] * s["N"],
          description="differential attention module, MHA"),
-    Case("diff_attention_8k_gqa", setup=_setup, impls=_IMPLS[:2], bound="compute", flops=_flops,
+    Case("diff_attention_8k_gqa", setup=_setup, impls=[_IMPLS[0], _IMPLS[1], _IMPLS[3]], bound="compute", flops=_flops,
          gpu_shape={"B": 1, "N": 8192, "E": 2048, "H": 32, "KV": 8},
          cpu_shape={"B": 1, "N": 32, "E": 64, "H": 4, "KV": 2}, tokens=lambda s: s["B"] * s["N"],
          description="differential attention module, GQA 4:1"),
