@@ -78,6 +78,8 @@ def _add_bench(subparsers) -> None:
 # Families `generate` can run: model_type in config.json -> (model module, class, tokenizer module, class).
 GENERATORS = {
     "bloom": ("tritonformers.models.bloom", "BloomForCausalLM", "tritonformers.tokenizers.bloom", "BloomTokenizer"),
+    "diffllama": ("tritonformers.models.diffllama", "DiffLlamaForCausalLM", "tritonformers.tokenizers.llama",
+                  "LlamaTokenizer"),
 }
 
 

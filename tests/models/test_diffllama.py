@@ -557,3 +557,29 @@ def test_cuda_larger_model_forward_backward_matches_hf(tmp_path):
     theirs_params = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         close(p.grad, theirs_params[name].grad, tol=dict(atol=5e-4, rtol=5e-3), msg=name)
+
+
+def test_cli_generate_matches_hf(tmp_path, capsys):
+    """`tritonformers generate` on a local DiffLlama checkpoint with a sentencepiece tokenizer equals HF's ids."""
+    pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model through protobuf")
+    from tests.tokenizers.test_llama_tokenizer import train_sentencepiece, write_checkpoint
+    from tritonformers.cli import main
+
+    model_path = train_sentencepiece(tmp_path / "spm")
+    write_checkpoint(tmp_path / "ckpt", model_path, pad_token="<unk>", padding_side="left")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    config = transformers.DiffLlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=8, pad_token_id=0, initializer_range=0.2)
+    hf = transformers.DiffLlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "ckpt")
+    prompts = ["Hello world", "The quick brown fox jumps"]
+    enc = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    argv = ["generate", "--model", str(tmp_path / "ckpt"), "--max-new-tokens", "5", "--device", "cpu"]
+    argv += [a for p in prompts for a in ("--prompt", p)]
+    capsys.readouterr()
+    with runtime.use_backend("torch"):
+        assert main(argv) == 0
+    want = tok.batch_decode(hf.generate(**enc, max_new_tokens=5, do_sample=False), skip_special_tokens=True)
+    assert capsys.readouterr().out == "".join(text + "\n" for text in want)
