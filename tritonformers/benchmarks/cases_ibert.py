@@ -76,3 +76,84 @@ register(
                      description="torch._int_mm + bias, then the IntGELU/requant reference in torch int64 ops")],
          description="I-BERT FFN up-projection (roberta-base, B32 N128): int8 GEMM + int32 bias + IntGELU + int8"),
 )
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+_BASE = {"vocab": 50265, "hidden": 768, "layers": 12, "heads": 12, "inter": 3072}
+_TINY = {"vocab": 100, "hidden": 32, "layers": 2, "heads": 2, "inter": 64}
+
+
+def _ibert_config(cls, shape, quant_mode=True):
+    return cls(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+               num_attention_heads=shape["heads"], intermediate_size=shape["inter"], quant_mode=quant_mode,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=514)
+
+
+def _model_setup(shape, dtype, device) -> dict:
+    """roberta-base-shaped I-BERT with random weights, calibrated by transformers on two sample batches."""
+    from transformers import IBertConfig, IBertModel
+    torch.manual_seed(0)
+    hf = IBertModel(_ibert_config(IBertConfig, shape)).to(device)
+    ids = torch.randint(3, shape["vocab"], (shape["B"], shape["N"]), device=device)
+    hf.train()
+    with torch.no_grad():
+        for _ in range(2):
+            hf(input_ids=torch.randint(3, shape["vocab"], (shape["B"], shape["N"]), device=device))
+    return {"input_ids": ids, "mask": torch.ones_like(ids), "state": hf.state_dict(), "shape": shape}
+
+
+def _model_prepare(which):
+    def prepare(inputs: dict) -> dict:
+        shape, device = inputs["shape"], inputs["input_ids"].device
+        if which == "ours":
+            from tritonformers.models.ibert import IBertConfig, IBertModel
+            model = IBertModel(_ibert_config(IBertConfig, shape))
+        elif which == "roberta_fp16":
+            from transformers import RobertaConfig, RobertaModel
+            cfg = RobertaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                                max_position_embeddings=514, attn_implementation="sdpa")
+            model = RobertaModel(cfg)
+        else:
+            from transformers import IBertConfig, IBertModel
+            model = IBertModel(_ibert_config(IBertConfig, shape, quant_mode=which == "hf_quant"))
+        state = inputs["state"]
+        if which in ("roberta_fp16", "hf_float"):  # the float weights only (no quantisation buffers)
+            names = set(model.state_dict())
+            state = {k: v for k, v in state.items() if k in names}
+        model.load_state_dict(state, strict=which not in ("roberta_fp16", "hf_float"))
+        model = model.to(device).eval()
+        if which == "roberta_fp16":
+            model = model.half()
+        return {**inputs, "model": model}
+    return prepare
+
+
+def _encode(i):
+    with torch.no_grad():
+        return i["model"](input_ids=i["input_ids"], attention_mask=i["mask"]).last_hidden_state.float()
+
+
+def _model_ops(shape) -> Count:
+    h, inter, layers, tokens, N = shape["hidden"], shape["inter"], shape["layers"], shape["B"] * shape["N"], shape["N"]
+    linear = 2 * tokens * layers * (4 * h * h + 2 * h * inter)
+    attention = 4 * tokens * layers * N * h
+    return Count(fwd=linear + attention)
+
+
+for _name, _gpu in (("ibert_base_b8_n128", {"B": 8, "N": 128}), ("ibert_base_b32_n512", {"B": 32, "N": 512})):
+    register(Case(
+        _name, setup=_model_setup, dtype=torch.float32, bound="compute", int_ops=True, backward=False,
+        flops=_model_ops, gpu_shape={**_BASE, **_gpu}, cpu_shape={**_TINY, "B": 2, "N": 16},
+        tokens=lambda s: s["B"] * s["N"], check_tol=0.05,
+        impls=[Impl(OURS, _encode, prepare=_model_prepare("ours"),
+                    description="tritonformers IBertModel, integer inference (int8 GEMMs, integer softmax/GELU/LN)"),
+               Impl("hf_quant", _encode, prepare=_model_prepare("hf_quant"),
+                    description="transformers IBertModel, quant_mode (float emulation): the oracle, within the "
+                                "quantisation noise the spec measured (<5% relative)"),
+               Impl("hf_float", _encode, prepare=_model_prepare("hf_float"), comparable=False,
+                    description="transformers IBertModel, quant_mode=False, same weights"),
+               Impl("roberta_fp16", _encode, prepare=_model_prepare("roberta_fp16"), comparable=False,
+                    description="transformers RobertaModel fp16, SDPA, same float weights")],
+        description="roberta-base-shaped I-BERT encoder, integer-only inference"))

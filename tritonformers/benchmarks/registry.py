@@ -87,6 +87,7 @@ class Case:
     int_ops: bool = False
     variant: str | None = None
     fields: dict = dataclasses.field(default_factory=dict)
+    check_tol: float | None = None  # relative-norm tolerance of the check, when the dtype's default does not fit
     description: str = ""
 
     def __post_init__(self):

@@ -315,7 +315,7 @@ def _forward_and_grads(impl: Impl, inputs: dict, state: CaseState, backward: boo
     return outs, grads
 
 
-def _compare(outs, grads, state: CaseState, dtype: torch.dtype) -> tuple[bool, float]:
+def _compare(outs, grads, state: CaseState, dtype: torch.dtype, tol: float | None = None) -> tuple[bool, float]:
     errs = [_rel_err(a, e) for a, e in zip(outs, state.ref_out)]
     if len(outs) != len(state.ref_out):
         errs.append(math.inf)
@@ -326,7 +326,7 @@ def _compare(outs, grads, state: CaseState, dtype: torch.dtype) -> tuple[bool, f
             elif g is not None:
                 errs.append(_rel_err(g, e))
     err = max(errs) if errs else 0.0
-    return err <= CHECK_TOL.get(dtype, 3e-2), err
+    return err <= (tol if tol is not None else CHECK_TOL.get(dtype, 3e-2)), err
 
 
 # ------------------------------------------------------------------------------------------- one case
@@ -357,7 +357,7 @@ def _run_impl(case: Case, impl: Impl, row: dict, state: CaseState, dtype: torch.
         elif not impl.comparable:
             row["check_note"] = "not compared (computes a different function)"
         elif state.ref_out is not None:
-            row["matches_baseline"], err = _compare(outs, grads, state, dtype)
+            row["matches_baseline"], err = _compare(outs, grads, state, dtype, case.check_tol)
             row["max_rel_err"] = err if math.isfinite(err) else None
             row["checked_against"] = state.ref_name
         else:
