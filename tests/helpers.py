@@ -56,3 +56,11 @@ def clone_leaf(*tensors: torch.Tensor):
     """Detached copies that require grad, so two paths get identical leaves."""
     out = tuple(t.detach().clone().requires_grad_(True) for t in tensors)
     return out if len(out) > 1 else out[0]
+
+
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers, to gate tests where its behaviour changed between 5.17
+    (the GPU machine's) and the newest release."""
+    import transformers
+
+    return tuple(int(part) for part in transformers.__version__.split(".")[:2])
