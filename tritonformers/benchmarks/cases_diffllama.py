@@ -17,6 +17,7 @@ import copy
 
 import torch
 
+from . import lm
 from .registry import OURS, Case, Count, Impl, register
 
 
@@ -150,32 +151,6 @@ def _model(which, shape, dtype, device):
     return ours.to(device, dtype)
 
 
-def _train_setup(shape, dtype, device) -> dict:
-    ids = torch.randint(0, shape["vocab"], (shape["B"], shape["N"]), device=device)
-    return {"input_ids": ids, "shape": shape, "dtype": dtype, "device": device}
-
-
-def _train_prepare(which):
-    def prepare(inputs: dict) -> dict:
-        model = _model(which, inputs["shape"], inputs["dtype"], inputs["device"]).train()
-        state = {**inputs, "model": model, "optim": torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)}
-        _train_step(state)  # optimizer states exist before the measured step
-        return state
-    return prepare
-
-
-def _forward_loss(i):
-    return i["model"](input_ids=i["input_ids"], labels=i["input_ids"]).loss
-
-
-def _train_step(i):
-    loss = _forward_loss(i)
-    loss.backward()
-    i["optim"].step()
-    i["optim"].zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def _train_flops(shape) -> Count:
     E, I, L, H, KV, D, V = (shape[k] for k in ("hidden", "inter", "layers", "heads", "kv", "head_dim", "vocab"))
     params = L * (E * H * D * 2 + 2 * E * KV * D + 3 * E * I) + 2 * V * E
@@ -185,37 +160,17 @@ def _train_flops(shape) -> Count:
 
 
 register(Case(
-    "diffllama1b_train_b1_n4096", setup=_train_setup, bound="compute", flops=_train_flops,
+    "diffllama1b_train_b1_n4096", setup=lm.train_setup, bound="compute", flops=_train_flops,
     gpu_shape={**_SHAPE_1B, "B": 1, "N": 4096}, cpu_shape={**_TINY, "B": 1, "N": 32},
     tokens=lambda s: s["B"] * s["N"],
-    impls=[Impl(OURS, _forward_loss, fwd_bwd=_train_step, prepare=_train_prepare("ours"), comparable=False,
-                description="tritonformers DiffLlamaForCausalLM, fused kernels and loss, AdamW step"),
-           Impl("hf_sdpa", _forward_loss, fwd_bwd=_train_step, prepare=_train_prepare("hf"), comparable=False,
-                description="transformers DiffLlamaForCausalLM (sdpa), AdamW step")],
+    impls=lm.train_impls(_model, "hf_sdpa", "tritonformers DiffLlamaForCausalLM, fused kernels and loss, AdamW step",
+                         "transformers DiffLlamaForCausalLM (sdpa), AdamW step"),
     description="DiffLlama-1B-shaped training step (weights stepped in place: outputs are not compared)"))
 
-
-def _greedy_setup(shape, dtype, device) -> dict:
-    ids = torch.randint(3, shape["vocab"], (shape["B"], shape["prompt"]), device=device)
-    return {"input_ids": ids, "mask": torch.ones_like(ids), "shape": shape, "dtype": dtype, "device": device}
-
-
-def _greedy_prepare(which):
-    def prepare(inputs: dict) -> dict:
-        return {**inputs, "model": _model(which, inputs["shape"], inputs["dtype"], inputs["device"]).eval()}
-    return prepare
-
-
-def _greedy(i):
-    with torch.no_grad():
-        return i["model"].generate(i["input_ids"], attention_mask=i["mask"], max_new_tokens=i["shape"]["new"],
-                                   min_new_tokens=i["shape"]["new"], do_sample=False, pad_token_id=0)
-
-
 register(Case(
-    "diffllama1b_greedy_b8", setup=_greedy_setup, bound="memory", backward=False,
+    "diffllama1b_greedy_b8", setup=lm.greedy_setup, bound="memory", backward=False,
     gpu_shape={**_SHAPE_1B, "B": 8, "prompt": 128, "new": 128}, cpu_shape={**_TINY, "B": 2, "prompt": 8, "new": 8},
     tokens=lambda s: s["B"] * s["new"],
-    impls=[Impl(OURS, _greedy, prepare=_greedy_prepare("ours"), description="generate(), static cache, CUDA graph"),
-           Impl("hf_sdpa", _greedy, prepare=_greedy_prepare("hf"), description="transformers generate() (sdpa)")],
+    impls=lm.greedy_impls(_model, 0, "hf_sdpa", "generate(), static cache, CUDA graph",
+                          "transformers generate() (sdpa)"),
     description="DiffLlama-1B-shaped greedy generation, prompt 128, 128 new tokens (ids compared)"))

@@ -1,0 +1,67 @@
+"""What the language-model cases share: a training step and greedy generation, for any family.
+
+A family's cases module supplies ``make_model(which, shape, dtype, device)`` (``which`` is "ours" or "hf": both
+built with the same random weights) and registers :func:`train_impls` / :func:`greedy_impls` with
+:func:`train_setup` / :func:`greedy_setup`. The step is forward + LM loss + backward + AdamW (a first step runs
+untimed in ``prepare``, so the optimizer states exist and the peak is measured above them, as DESIGN.md's
+anchor); generation is greedy with exactly ``shape["new"]`` new tokens, whose ids are compared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import OURS, Impl
+
+
+def train_setup(shape, dtype, device) -> dict:
+    ids = torch.randint(0, shape["vocab"], (shape["B"], shape["N"]), device=device)
+    return {"input_ids": ids, "shape": shape, "dtype": dtype, "device": device}
+
+
+def forward_loss(i):
+    return i["model"](input_ids=i["input_ids"], labels=i["input_ids"]).loss
+
+
+def train_step(i):
+    loss = forward_loss(i)
+    loss.backward()
+    i["optim"].step()
+    i["optim"].zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def train_impls(make_model, baseline: str, ours_description: str, baseline_description: str) -> list[Impl]:
+    def prepare(which):
+        def run(inputs: dict) -> dict:
+            model = make_model(which, inputs["shape"], inputs["dtype"], inputs["device"]).train()
+            state = {**inputs, "model": model, "optim": torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)}
+            train_step(state)
+            return state
+        return run
+    # the weights are stepped in place between calls: the outputs are not compared
+    return [Impl(OURS, forward_loss, fwd_bwd=train_step, prepare=prepare("ours"), comparable=False,
+                 description=ours_description),
+            Impl(baseline, forward_loss, fwd_bwd=train_step, prepare=prepare("hf"), comparable=False,
+                 description=baseline_description)]
+
+
+def greedy_setup(shape, dtype, device) -> dict:
+    ids = torch.randint(3, shape["vocab"], (shape["B"], shape["prompt"]), device=device)
+    return {"input_ids": ids, "mask": torch.ones_like(ids), "shape": shape, "dtype": dtype, "device": device}
+
+
+def greedy_impls(make_model, pad_token_id: int, baseline: str, ours_description: str,
+                 baseline_description: str) -> list[Impl]:
+    def prepare(which):
+        def run(inputs: dict) -> dict:
+            return {**inputs, "model": make_model(which, inputs["shape"], inputs["dtype"], inputs["device"]).eval()}
+        return run
+
+    def greedy(i):
+        with torch.no_grad():
+            new = i["shape"]["new"]
+            return i["model"].generate(i["input_ids"], attention_mask=i["mask"], max_new_tokens=new,
+                                       min_new_tokens=new, do_sample=False, pad_token_id=pad_token_id)
+    return [Impl(OURS, greedy, prepare=prepare("ours"), description=ours_description),
+            Impl(baseline, greedy, prepare=prepare("hf"), description=baseline_description)]
