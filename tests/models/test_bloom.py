@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import BloomConfig as HFBloomConfig  # noqa: E402
 
 from tests.helpers import transformers_version  # noqa: E402
+from tests.models.common import TOL, close, lm_inputs, lm_labels  # noqa: E402
 from tritonformers import runtime  # noqa: E402
 from tritonformers.models import bloom as tb  # noqa: E402
 from tritonformers.models.generation import KVCache  # noqa: E402
@@ -40,7 +41,6 @@ CONFIGS = {
 }
 HEADS = ["BloomModel", "BloomForCausalLM", "BloomForSequenceClassification", "BloomForTokenClassification",
          "BloomForQuestionAnswering"]
-TOL = dict(atol=2e-5, rtol=1e-5)
 TRITON_TOL = dict(atol=2e-4, rtol=1e-4)
 
 
@@ -63,33 +63,8 @@ def checkpoint(tmp_path_factory):
     return make
 
 
-def inputs(vocab: int, padding: str | None, batch: int = 2, length: int = 10, seed: int = 0):
-    """Random ids and a mask: row 0 padded by 3 (left or right), row 1 (if any) with a 1-token hole-free row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(PAD + 1, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[0, :3] = 0
-    elif padding == "right":
-        mask[0, -3:] = 0
-    ids[mask == 0] = PAD
-    return ids, mask
-
-
-def lm_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Labels ignoring pads and every target predicted from a pad position (garbage in HF, 0 in ours)."""
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-    return labels
-
-
-def close(actual, expected, mask=None, tol=TOL, msg=""):
-    """Compare on real positions ([B, T, ...] tensors with a [B, T] mask), and require finite values."""
-    assert actual.shape == expected.shape, f"{msg}: {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{msg}: non-finite values"
-    if mask is not None:
-        actual, expected = actual[mask.bool()], expected[mask.bool()]
-    torch.testing.assert_close(actual.float(), expected.float(), **tol, msg=msg or None)
+def inputs(vocab: int, padding: str | None, **kw):
+    return lm_inputs(vocab, padding, PAD, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------

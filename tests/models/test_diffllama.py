@@ -21,6 +21,7 @@ from transformers import DiffLlamaConfig as HFConfig  # noqa: E402
 from transformers.models.diffllama.modeling_diffllama import DiffLlamaRotaryEmbedding as HFRotary  # noqa: E402
 
 from tests.helpers import transformers_version  # noqa: E402
+from tests.models.common import close, lm_inputs, lm_labels  # noqa: E402
 from tritonformers import runtime  # noqa: E402
 from tritonformers.models import diffllama as td  # noqa: E402
 from tritonformers.models import rope  # noqa: E402
@@ -53,7 +54,6 @@ ROPES = {
     "longrope": (dict(rope_type="longrope", short_factor=[1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],
                       long_factor=LONG_FACTORS, original_max_position_embeddings=8), 32),
 }
-TOL = dict(atol=2e-5, rtol=1e-5)
 TRITON_TOL = dict(atol=2e-4, rtol=1e-4)
 
 
@@ -82,33 +82,8 @@ def rope_overrides(kind: str) -> dict:
     return dict(rope_parameters=dict(params), max_position_embeddings=max_positions)
 
 
-def inputs(vocab: int, padding: str | None, batch: int = 2, length: int = 10, seed: int = 0):
-    """Random ids and a mask; row 0 padded by 3 on the given side."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(PAD + 1, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[0, :3] = 0
-    elif padding == "right":
-        mask[0, -3:] = 0
-    ids[mask == 0] = PAD
-    return ids, mask
-
-
-def lm_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Labels ignoring pads and every target predicted from a pad position (HF's garbage rows)."""
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-    return labels
-
-
-def close(actual, expected, mask=None, tol=TOL, msg=""):
-    """Compare on real positions ([B, T, ...] tensors with a [B, T] mask), requiring finite values."""
-    assert actual.shape == expected.shape, f"{msg}: {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{msg}: non-finite values"
-    if mask is not None:
-        actual, expected = actual[mask.bool()], expected[mask.bool()]
-    torch.testing.assert_close(actual.float(), expected.float(), **tol, msg=msg or None)
+def inputs(vocab: int, padding: str | None, **kw):
+    return lm_inputs(vocab, padding, PAD, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
