@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .int_ops import (FixedPoint, GeluConstants, SoftmaxConstants, _check_bits, _check_params, _int_gelu_math,
-                      _int_gelu_math_reference, _into, _mul_round_shift, _mul_round_shift_narrow, _requant_reference,
+from .int_ops import (FixedPoint, GeluConstants, SoftmaxConstants, _check_bits, _check_params, _gelu_requant_residual,
+                      _int_gelu_math_reference, _into, _mul_round_shift_narrow, _requant_reference,
                       _softmax_e16, _stride, int_dtype, int_softmax_reference, mul_round_shift_reference,
                       narrow_params, requant_bounds)
 
@@ -139,24 +139,9 @@ def _int_linear_kernel(X, W, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
             v = _mul_round_shift_narrow(v, tl.load(PM), tl.load(PE))
         if HAS_BIAS:
             v += tl.load(BIAS + cols, mask=col_ok, other=0).to(tl.int64)[None, :]
-        if HAS_GELU:
-            b = tl.load(GB + cols * gelu_stride, mask=col_ok, other=0)
-            c = tl.load(GC + cols * gelu_stride, mask=col_ok, other=0)
-            s = tl.load(GS + cols * gelu_stride, mask=col_ok, other=0)
-            v = _int_gelu_math(v, b[None, :], c[None, :], s[None, :])
-        if HAS_REQUANT:
-            m = tl.load(QM + cols * quant_stride, mask=col_ok, other=0)
-            e = tl.load(QE + cols * quant_stride, mask=col_ok, other=0)
-            if HAS_GELU:
-                v = _mul_round_shift(v, m[None, :], e[None, :])
-            else:
-                v = _mul_round_shift_narrow(v, m[None, :], e[None, :])
-            if HAS_RES:
-                r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0).to(tl.int64)
-                m1 = tl.load(RM + cols * res_stride, mask=col_ok, other=0)
-                e1 = tl.load(RE + cols * res_stride, mask=col_ok, other=0)
-                v += _mul_round_shift_narrow(r, m1[None, :], e1[None, :])
-            v = tl.minimum(tl.maximum(v, lo), hi)
+        v = _gelu_requant_residual(v, rows64, cols, col_ok, mask, GB, GC, GS, gelu_stride, QM, QE, quant_stride,
+                                   R, stride_rm, RM, RE, res_stride, lo, hi, HAS_GELU, HAS_REQUANT, HAS_GELU,
+                                   HAS_RES)
         out = v.to(Y.dtype.element_ty)
     else:
         if HAS_BIAS:

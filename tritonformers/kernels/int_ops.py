@@ -316,20 +316,12 @@ def _quantize_kernel(X, INV, Y, M, C, stride_xm, inv_stride, qlo, qhi,
 
 
 @triton.jit
-def _pointwise_kernel(X, R, Y, GB, GC, GS, QM, QE, RM, RE, M, C, stride_xm, stride_rm, lo, hi,
-                      gelu_stride, quant_stride, res_stride,
-                      HAS_GELU: tl.constexpr, HAS_REQUANT: tl.constexpr, HAS_RES: tl.constexpr,
-                      WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Elementwise integer epilogue over [M, C] (channel = column): optional IntGELU, then optional
-    requantization ``clamp(rhe(v * m / 2**e) + rhe(r * m1 / 2**e1), lo, hi)``. Parameter vectors are
-    per channel (stride 1) or per tensor (stride 0); (m1, e1), and (m, e) unless WIDE, are
-    :func:`narrow_params`. Y: int64 after a bare GELU, else its int dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
-    v = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0).to(tl.int64)
+def _gelu_requant_residual(v, rows64, cols, col_ok, mask, GB, GC, GS, gelu_stride, QM, QE, quant_stride,
+                           R, stride_rm, RM, RE, res_stride, lo, hi, HAS_GELU: tl.constexpr,
+                           HAS_REQUANT: tl.constexpr, WIDE: tl.constexpr, HAS_RES: tl.constexpr):
+    """The shared integer epilogue on an int64 tile ``v`` [rows, cols]: IntGELU (per-column constants), the
+    fixed-point requantisation (full-width multiplier when WIDE, e.g. after GELU), the requantised residual
+    add, and the clamp to the output bit range. Used by the standalone requantize kernel and the GEMM."""
     if HAS_GELU:
         b = tl.load(GB + cols * gelu_stride, mask=col_ok, other=0)
         c = tl.load(GC + cols * gelu_stride, mask=col_ok, other=0)
@@ -348,6 +340,26 @@ def _pointwise_kernel(X, R, Y, GB, GC, GS, QM, QE, RM, RE, M, C, stride_xm, stri
             e1 = tl.load(RE + cols * res_stride, mask=col_ok, other=0)
             v += _mul_round_shift_narrow(r, m1[None, :], e1[None, :])
         v = tl.minimum(tl.maximum(v, lo), hi)
+    return v
+
+
+@triton.jit
+def _pointwise_kernel(X, R, Y, GB, GC, GS, QM, QE, RM, RE, M, C, stride_xm, stride_rm, lo, hi,
+                      gelu_stride, quant_stride, res_stride,
+                      HAS_GELU: tl.constexpr, HAS_REQUANT: tl.constexpr, HAS_RES: tl.constexpr,
+                      WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Elementwise integer epilogue over [M, C] (channel = column): optional IntGELU, then optional
+    requantization ``clamp(rhe(v * m / 2**e) + rhe(r * m1 / 2**e1), lo, hi)``. Parameter vectors are
+    per channel (stride 1) or per tensor (stride 0); (m1, e1), and (m, e) unless WIDE, are
+    :func:`narrow_params`. Y: int64 after a bare GELU, else its int dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    v = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0).to(tl.int64)
+    v = _gelu_requant_residual(v, rows64, cols, col_ok, mask, GB, GC, GS, gelu_stride, QM, QE, quant_stride,
+                               R, stride_rm, RM, RE, res_stride, lo, hi, HAS_GELU, HAS_REQUANT, WIDE, HAS_RES)
     tl.store(Y + rows64[:, None] * C + cols[None, :], v.to(Y.dtype.element_ty), mask=mask)
 
 
