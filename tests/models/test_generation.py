@@ -320,4 +320,6 @@ def test_cli_generate_matches_hf(tmp_path, capsys):
         out = hf.generate(**enc, max_new_tokens=5, do_sample=False, **hf_kwargs)
         want = tok.batch_decode(out, skip_special_tokens=True)
         assert capsys.readouterr().out == "".join(text + "\n" for text in want)
-    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse rejects the directory before anything loads
+        main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert exc.value.code == 2 and "argument --model: no such directory" in capsys.readouterr().err
