@@ -1,8 +1,8 @@
 """BloomTokenizer against transformers' AutoTokenizer (TokenizersBackend in transformers 5).
 
-A tiny byte-level BPE is trained on the fly with BLOOM's exact pipeline (bigscience/bloom's tokenizer.json: regex Split +
-ByteLevel without regex, ByteLevel post-processor and decoder, `<unk> <s> </s> <pad>` first) and saved as
-tokenizer.json + tokenizer_config.json naming `BloomTokenizerFast`, as the bigscience repositories do.
+A tiny byte-level BPE is trained on the fly with the pipeline of bigscience/bloom's tokenizer.json (regex
+Split + ByteLevel without regex, ByteLevel post-processor and decoder, `<unk> <s> </s> <pad>` first) and saved
+as tokenizer.json + tokenizer_config.json naming `BloomTokenizerFast`, as the bigscience repositories do.
 """
 
 import json

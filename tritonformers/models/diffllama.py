@@ -1,5 +1,5 @@
 """DiffLlama (differential-attention Llama) on the tritonformers kernels, loading and matching HuggingFace's
-``transformers`` DiffLlama (transformers/models/diffllama/modeling_diffllama.py): ``DiffLlamaConfig``, ``DiffLlamaModel``,
+``transformers`` DiffLlama (``models/diffllama/modeling_diffllama.py``): ``DiffLlamaConfig``, ``DiffLlamaModel``,
 ``DiffLlamaForCausalLM``, ``DiffLlamaForSequenceClassification``, ``DiffLlamaForQuestionAnswering``,
 ``DiffLlamaForTokenClassification``.
 

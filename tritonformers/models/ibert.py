@@ -1,5 +1,5 @@
 """I-BERT (Kim et al. 2021, integer-only RoBERTa) on the tritonformers kernels, loading and matching
-HuggingFace's ``transformers`` I-BERT (transformers/models/ibert): ``IBertConfig``, ``IBertModel``, ``IBertForMaskedLM``,
+HuggingFace's ``transformers`` I-BERT (``models/ibert``): ``IBertConfig``, ``IBertModel``, ``IBertForMaskedLM``,
 ``IBertForSequenceClassification``, ``IBertForMultipleChoice``, ``IBertForTokenClassification``,
 ``IBertForQuestionAnswering``.
 
