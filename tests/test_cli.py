@@ -257,6 +257,8 @@ def test_generate_checkpoint_errors_are_one_line(bloom_checkpoint, tmp_path, cap
                             (other, ("generate supports model types ['bloom', 'diffllama']", "'ibert'"))):
         assert main(_generate_argv(path)) == 2
         _assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert main(_generate_argv(bloom_checkpoint, "--top-p", "0.9", "--temperature", "0.7")) == 2
+    _assert_one_line_error(capsys.readouterr().err, "--temperature, --top-p only apply when sampling: add --do-sample")
     # --debug, before or after the command name: the exception itself, with its traceback
     with pytest.raises(FileNotFoundError, match="no weights in"):
         main(_generate_argv(no_weights, "--debug"))

@@ -242,6 +242,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    sampling = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None]
+    if sampling and not args.do_sample:  # greedy and beam search ignore them: say so rather than drop them
+        raise UserError(f"{', '.join(sampling)} only apply when sampling: add --do-sample")
     model_type = checkpoint_model_type(args.model, GENERATORS, "generate")
     model_module, model_class, tok_module, tok_class = GENERATORS[model_type]
     # the tokenizer first: it is cheap, and a missing tokenizer file should not wait for the weights
