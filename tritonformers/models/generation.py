@@ -1,6 +1,7 @@
 """Text generation shared by the model families: a static KV cache, decoding sessions, and greedy search,
-sampling and beam search with the semantics of transformers 5's ``generate`` (specs/bloom.md §8,
-specs/fsmt.md §8).
+sampling and beam search with the semantics of transformers 5's ``generate`` (``GenerationMixin.generate``,
+``_sample`` and ``_beam_search`` in ``transformers/generation/utils.py``; the logits processors of
+``transformers/generation/logits_process.py``).
 
 How a family plugs in
 ---------------------
@@ -175,8 +176,6 @@ class KVCache:
         with torch.no_grad():
             for t in (*self.key_cache, *self.value_cache):
                 t.copy_(t.index_select(0, index))
-
-    index_select = reorder_cache
 
     def _grow(self, capacity: int) -> None:
         n = self.length
@@ -520,6 +519,47 @@ def _infer_mask(input_ids: torch.Tensor, eos: torch.Tensor | None, pad: int | No
     return input_ids.ne(pad).long() if pad_in_inputs and not pad_is_eos else ones
 
 
+def _input_vocab_size(model) -> int | None:
+    """The number of ids the model embeds: its input embedding's rows (the encoder's for encoder-decoders,
+    as HF's ``get_input_embeddings``), else ``config.vocab_size``; None when the model names neither."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is not None and hasattr(embedding, "num_embeddings"):
+        return int(embedding.num_embeddings)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _check_prompt_ids(model, input_ids: torch.Tensor) -> None:
+    """Reject an empty prompt and ids outside the vocabulary before anything runs (an embedding lookup
+    would fail with a bare ``IndexError``, or on CUDA with a device-side assert)."""
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): generate needs at least one row "
+                         "of at least one prompt token (input_ids=None starts from bos_token_id)")
+    vocab = _input_vocab_size(model)
+    if vocab is None:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        row = int(((input_ids == bad).any(dim=1)).nonzero()[0])
+        raise ValueError(f"input_ids holds token id {bad} (row {row}), outside the vocabulary of "
+                         f"{type(model).__name__}: ids must be in [0, {vocab - 1}] (vocabulary size {vocab})")
+
+
+def _warn_right_padding(model, attention_mask: torch.Tensor) -> None:
+    """transformers' warning when a decoder-only model gets right-padded prompts: the continuation of a row
+    whose mask ends in 0 starts after its pads, so it is wrong. (transformers checks batches of two or more
+    rows; a single right-padded row is just as wrong, so any row is checked here.)"""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):  # input_ids are the encoder's: any padding side works
+        return
+    if bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn("A decoder-only model got right-padded input_ids (attention_mask ends in 0 in some rows): "
+                      "their continuations would follow the pads and be wrong. Pad on the left: "
+                      "tokenizer(texts, padding=True, padding_side='left')", UserWarning, stacklevel=4)
+
+
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config: GenerationConfig | None = None, *, generator: torch.Generator | None = None,
              use_cuda_graph: bool | None = None, **kwargs: Any):
@@ -533,8 +573,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     ``generation_config.json`` or its config), then transformers' global defaults. Other kwargs go to the
     model's session (FSMT's encoder inputs, say).
 
-    input_ids [B, P] (None: one row holding bos); attention_mask [B, P] (1 = real, left padding for
-    decoder-only models), inferred from pad as transformers does when None. Sampling draws from
+    input_ids [B, P] with P >= 1 and ids inside the model's input vocabulary (else ValueError naming the id;
+    None: one row holding bos); attention_mask [B, P] (1 = real, left padding for decoder-only models: a row
+    whose mask ends in 0 warns, as in transformers), inferred from pad as transformers does when None.
+    Sampling draws from
     ``generator`` (default: torch's global generator, so ``torch.manual_seed`` reproduces transformers'
     draws). ``use_cuda_graph``: None = automatic on CUDA (see :class:`CachedDecoderSession`).
 
@@ -550,6 +592,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         input_ids = torch.full((1, 1), cfg["bos_token_id"], dtype=torch.long, device=device)
     runtime.check_tensor(input_ids, "input_ids", dtypes=(torch.int64, torch.int32), ndim=2)
     input_ids = input_ids.to(device=device, dtype=torch.long)
+    _check_prompt_ids(model, input_ids)
     eos, pad = _special_tokens(cfg, device)
     if attention_mask is None:
         attention_mask = _infer_mask(input_ids, eos, pad)
@@ -558,6 +601,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, "
                          f"got {list(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    _warn_right_padding(model, attention_mask)
 
     copies = max(cfg["num_beams"], cfg["num_return_sequences"])
     with torch.no_grad():
