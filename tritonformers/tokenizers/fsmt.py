@@ -39,7 +39,7 @@ from typing import Any
 from tokenizers import Tokenizer, processors
 from tokenizers.models import BPE
 
-from .base import TOKENIZER_CONFIG_FILE, BaseTokenizer, _to_tensors
+from .base import TOKENIZER_CONFIG_FILE, BaseTokenizer
 
 VOCAB_FILES = {"src_vocab_file": "vocab-src.json", "tgt_vocab_file": "vocab-tgt.json", "merges_file": "merges.txt"}
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -206,14 +206,24 @@ class FSMTTokenizer(BaseTokenizer):
         split = self.split_special_tokens if split is None else bool(split)
         words = text if is_split_into_words else self._words(text, split)
         pair = text_pair if (is_split_into_words or text_pair is None) else self._words(text_pair, split)
-        out = super().__call__(words, pair, is_split_into_words=True, **kwargs)
-        if self._src_size is not None:
-            unk = self.unk_token_id
-            fix = lambda ids: [unk if i >= self._src_size else i for i in ids]  # noqa: E731
-            ids = out["input_ids"]
-            out["input_ids"] = [fix(row) for row in ids] if ids and isinstance(ids[0], list) else fix(ids)
-        out.update(_to_tensors(dict(out), return_tensors))
+        out = super().__call__(words, pair, is_split_into_words=True, return_tensors=return_tensors, **kwargs)
+        out["input_ids"] = self._unknown_to_unk(out["input_ids"])
         return out
+
+    def _unknown_to_unk(self, ids):
+        """Internal ids (merge pieces missing from vocab-src) -> the unk id, in lists, tensors or arrays."""
+        limit, unk = self._src_size, self.unk_token_id
+        if limit is None:
+            return ids
+        if hasattr(ids, "masked_fill"):
+            return ids.masked_fill(ids >= limit, unk)
+        if hasattr(ids, "dtype"):  # a numpy array (return_tensors="np")
+            ids = ids.copy()
+            ids[ids >= limit] = unk
+            return ids
+        if ids and isinstance(ids[0], list):
+            return [[unk if i >= limit else i for i in row] for row in ids]
+        return [unk if i >= limit else i for i in ids]
 
     def _words(self, text, split_special_tokens: bool):
         if isinstance(text, str):
