@@ -139,6 +139,26 @@ def test_incremental_decoding_with_the_cache_equals_the_full_pass(checkpoint):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
 
 
+def test_greedy_generate_equals_stepwise_argmax_of_hf_forward(checkpoint):
+    """Generation against HF's full causal forward (an oracle that holds with every transformers release,
+    whose cached generate is wrong in 5.17: test_fsmt_generation.py)."""
+    hf, path = checkpoint()
+    ids, mask = source_batch(rows=2)
+    with runtime.use_backend("torch"):
+        got = tf.FSMTForConditionalGeneration.from_pretrained(path).generate(ids, attention_mask=mask, num_beams=1,
+                                                                           max_new_tokens=6)
+    for row in range(ids.shape[0]):
+        seq = torch.tensor([[EOS]])
+        with torch.no_grad():
+            while seq.shape[1] < 7 and (seq.shape[1] == 1 or seq[0, -1] != EOS):
+                logits = hf(ids[row:row + 1], attention_mask=mask[row:row + 1], decoder_input_ids=seq,
+                            use_cache=False).logits[0, -1]
+                nxt = EOS if seq.shape[1] == 6 else int(logits.argmax())  # the forced EOS at max_length - 1
+                seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        n = seq.shape[1]
+        assert torch.equal(got[row, :n], seq[0]) and got[row, n:].eq(PAD).all(), (got[row], seq)
+
+
 def test_loss_and_gradients_match_hf(checkpoint):
     hf, path = checkpoint()
     ids, mask = source_batch()
@@ -184,6 +204,24 @@ def test_triton_path_matches_the_reference(checkpoint):
     close(results["triton"][0], results["torch"][0], real, tol=TRITON_TOL, msg="logits")
     torch.testing.assert_close(results["triton"][1], results["torch"][1], **TRITON_TOL)
     torch.testing.assert_close(results["triton"][2], results["torch"][2], atol=1e-3, rtol=1e-3)
+
+
+def test_triton_generate_matches_the_reference_path(checkpoint):
+    """Greedy and beam search through the kernels (decode attention over the static caches; the CUDA-graph
+    step on CUDA) give the reference path's ids and scores."""
+    _, path = checkpoint("base", eos_bias=3.0)
+    ids, mask = source_batch(rows=2, seed=3)
+    runs = {}
+    for be in ("torch", "triton"):
+        with runtime.use_backend(be):
+            model = tf.FSMTForConditionalGeneration.from_pretrained(path)
+            greedy = model.generate(ids, attention_mask=mask, num_beams=1, max_new_tokens=4)
+            beam = model.generate(ids, attention_mask=mask, num_beams=2, num_return_sequences=2, max_new_tokens=3,
+                                  return_dict_in_generate=True)
+            runs[be] = (greedy, beam.sequences, beam.sequences_scores)
+    assert torch.equal(runs["triton"][0], runs["torch"][0])
+    assert torch.equal(runs["triton"][1], runs["torch"][1])
+    torch.testing.assert_close(runs["triton"][2], runs["torch"][2], **TRITON_TOL)
 
 
 # ----------------------------------------------------------------------------------------------------------
