@@ -199,7 +199,8 @@ class EncoderDecoderCache:
                                           for k, v in self.cross_attention_cache]
 
     def __repr__(self) -> str:
-        return f"EncoderDecoderCache(self={self.self_attention_cache!r}, cross={self.cross_attention_cache is not None})"
+        cross = self.cross_attention_cache is not None
+        return f"EncoderDecoderCache(self={self.self_attention_cache!r}, cross={cross})"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -735,7 +736,8 @@ class _EncodedSource:
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         self.capacity = capacity
         decoder = self.model.decoder
-        decoder.embed_positions.ensure(decoder.embed_positions.padding_idx + 1 + capacity,
+        # the rows a step can read (pad + 1 + max_past + 1 new token), built now: never inside a captured step
+        decoder.embed_positions.ensure(decoder.embed_positions.padding_idx + 2 + capacity,
                                        decoder.embed_tokens.weight.dtype)
         return decoder.new_cache(batch_size, capacity)
 
