@@ -56,8 +56,9 @@ def both(hf, ours, ids, mask, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=9), dict(max_length=5), dict(max_new_tokens=9, min_length=6),
-                                    dict(max_new_tokens=9, no_repeat_ngram_size=2)],
-                         ids=["natural-eos", "forced-eos", "min-length", "no-repeat"])
+                                    dict(max_new_tokens=9, no_repeat_ngram_size=2),
+                                    dict(max_new_tokens=9, bad_words_ids=[[22], [5, 5], [31, 19, 15]])],
+                         ids=["natural-eos", "forced-eos", "min-length", "no-repeat", "bad-words"])
 def test_greedy_matches_hf(models, kwargs):
     hf, ours = models
     ids, mask = source_batch(rows=4)
@@ -73,6 +74,7 @@ BEAMS = [
     dict(num_beams=3, length_penalty=0.0, early_stopping="never", no_repeat_ngram_size=2),
     dict(num_beams=4, num_return_sequences=4, length_penalty=1.3, min_length=5),
     dict(num_beams=3, num_return_sequences=2, max_length=5),  # the forced-EOS path ends every beam
+    dict(num_beams=2, bad_words_ids=[[19], [5, 5], [31, 19, 15], [2]]),
 ]
 
 
