@@ -16,7 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tests.models.common import TOL, close  # noqa: E402
+from tests.models.common import (TOL, assert_forward_arguments_match_hf, assert_output_fields_match_hf,  # noqa: E402
+                                 close)
 from tests.models.fsmt_common import CONFIGS, EOS, PAD, make_checkpoint, source_batch  # noqa: E402
 from tritonformers import runtime  # noqa: E402
 from tritonformers.models import fsmt as tf  # noqa: E402
@@ -243,6 +244,32 @@ def test_save_pretrained_round_trips_through_hf(checkpoint, tmp_path, name):
         want = hf(ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
         got = back(ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_output_fields_and_forward_arguments_follow_hf():
+    assert_output_fields_match_hf(tf, ["BaseModelOutput", "Seq2SeqModelOutput", "Seq2SeqLMOutput"])
+    assert_forward_arguments_match_hf(tf, "FSMT")
+
+
+def test_inputs_embeds_match_hf_and_ids(checkpoint):
+    """The encoder from embeddings against HF's encoder (HF's model never builds the causal mask without
+    input_ids, so the full model is compared with our own call by ids)."""
+    hf, path = checkpoint()
+    ids, mask = source_batch(padding="left")
+    dec = target_batch(36, pad_row=False)
+    model = tf.FSMTForConditionalGeneration.from_pretrained(path)
+    src_embeds = model.model.encoder.embed_tokens(ids).detach()  # pad rows are zero vectors: positions agree
+    dec_embeds = model.model.decoder.embed_tokens(dec).detach()
+    with torch.no_grad():
+        want = hf.model.encoder(None, attention_mask=mask, inputs_embeds=src_embeds).last_hidden_state
+        with runtime.use_backend("torch"):
+            got = model.model.encode(inputs_embeds=src_embeds, attention_mask=mask).last_hidden_state
+            out = model(inputs_embeds=src_embeds, attention_mask=mask, decoder_inputs_embeds=dec_embeds)
+            by_ids = model(ids, attention_mask=mask, decoder_input_ids=dec)
+    close(got, want, mask, msg="encoder from embeddings")
+    close(out.logits, by_ids.logits, msg="embeddings vs ids")
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        assert out.past_key_values is out.cache
 
 
 def test_bad_inputs_are_clear_errors(checkpoint):

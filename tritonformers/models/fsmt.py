@@ -373,6 +373,19 @@ class _Positions(nn.Module):
         return F.embedding(pos, table)
 
 
+def _embed(stack: nn.Module, ids, inputs_embeds, past, max_past: int | None = None) -> torch.Tensor:
+    """Token embeddings times ``embed_scale`` plus positions, then dropout. Given ``inputs_embeds`` instead of
+    ids, positions follow HF's rule: a vector whose first channel is 0 counts as a pad."""
+    if inputs_embeds is None:
+        x = stack.embed_tokens(ids) * stack.embed_scale
+    else:
+        x = inputs_embeds * stack.embed_scale
+        first = inputs_embeds[:, :, 0]
+        ids = first.masked_fill(first.eq(0), stack.embed_positions.padding_idx)
+    x = x + stack.embed_positions(ids, past, x.dtype, max_past)
+    return F.dropout(x, p=stack.dropout, training=stack.training)
+
+
 class FSMTEncoder(nn.Module):
     """embed_tokens * embed_scale + positions, dropout, ``encoder_layers`` post-norm layers (no final norm).
 
@@ -389,10 +402,8 @@ class FSMTEncoder(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.encoder_layers)])
         self.dropout, self.layerdrop = config.dropout, config.encoder_layerdrop
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
-        x = self.embed_tokens(input_ids) * self.embed_scale
-        x = x + self.embed_positions(input_ids, 0, x.dtype)
-        x = F.dropout(x, p=self.dropout, training=self.training)
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, inputs_embeds=None):
+        x = _embed(self, input_ids, inputs_embeds, 0)
         states = [] if output_hidden_states else None
         for layer in self.layers:
             if states is not None:
@@ -433,10 +444,8 @@ class FSMTDecoder(nn.Module):
         """Each layer's cross-attention keys/values [B, H, S, D], projected once from the encoder output."""
         return [layer.encoder_attn.keys_values(encoder_out) for layer in self.layers]
 
-    def embed(self, ids: torch.Tensor, past, max_past: int | None = None) -> torch.Tensor:
-        x = self.embed_tokens(ids) * self.embed_scale
-        x = x + self.embed_positions(ids, past, x.dtype, max_past)
-        return F.dropout(x, p=self.dropout, training=self.training)
+    def embed(self, ids: torch.Tensor | None, past, max_past: int | None = None, inputs_embeds=None) -> torch.Tensor:
+        return _embed(self, ids, inputs_embeds, past, max_past)
 
     def run(self, x, cross_kv, encoder_mask, self_mask, cache: KVCache | None, cross_lens=None,
             output_hidden_states=False):
@@ -518,8 +527,10 @@ class FSMTModel(PretrainedFSMTModel):
 
     ``forward(input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
     encoder_outputs=None, cache=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-    return_dict=None)``: input_ids [B, S] (source, ``src_vocab_size``), decoder_input_ids [B, T] (target;
-    None = the source shifted right, HF's rule), masks 1 = a real token. The encoder masks pads only when
+    inputs_embeds=None, decoder_inputs_embeds=None, return_dict=None)``: input_ids [B, S] (source,
+    ``src_vocab_size``), decoder_input_ids [B, T] (target; None = the source shifted right, HF's rule), masks
+    1 = a real token; embeddings instead of ids are scaled as token embeddings are, and take their positions
+    from HF's rule (a vector whose first channel is 0 is a pad). The encoder masks pads only when
     ``attention_mask`` is given (HF); the decoder self-attention is causal and masks
     ``decoder_attention_mask`` (default: its pad tokens). ``use_cache`` (default ``config.use_cache`` when
     decoder ids are given, in eval mode) returns an :class:`EncoderDecoderCache`; pass it back as ``cache``
@@ -547,24 +558,30 @@ class FSMTModel(PretrainedFSMTModel):
     def get_output_embeddings(self) -> nn.Embedding:
         return self.decoder.embed_tokens
 
-    def encode(self, input_ids, attention_mask=None, output_hidden_states=False) -> BaseModelOutput:
+    def encode(self, input_ids=None, attention_mask=None, output_hidden_states=False, inputs_embeds=None):
+        """The encoder's :class:`BaseModelOutput` for input_ids [B, S] (or inputs_embeds [B, S, C])."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         _check_ids(input_ids, "input_ids", self.config.src_vocab_size)
-        mask = _check_mask(attention_mask, "attention_mask", tuple(input_ids.shape))
-        hidden, states = self.encoder(input_ids, mask, output_hidden_states)
+        shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+        mask = _check_mask(attention_mask, "attention_mask", shape)
+        hidden, states = self.encoder(input_ids, mask, output_hidden_states, inputs_embeds)
         return BaseModelOutput(hidden, states)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
+                output_hidden_states=None, inputs_embeds=None, decoder_inputs_embeds=None, return_dict=None,
+                **kwargs):
         out, hidden = self.decode(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                   encoder_outputs, cache, use_cache, output_attentions, output_hidden_states,
-                                  **kwargs)
+                                  inputs_embeds, decoder_inputs_embeds, **kwargs)
         out.last_hidden_state = self.decoder.project(hidden)
         return _returned(out, self.config.return_dict if return_dict is None else return_dict)
 
     def decode(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                encoder_outputs=None, cache=None, use_cache=None, output_attentions=None,
-               output_hidden_states=None, **kwargs) -> tuple[Seq2SeqModelOutput, torch.Tensor]:
+               output_hidden_states=None, inputs_embeds=None, decoder_inputs_embeds=None,
+               **kwargs) -> tuple[Seq2SeqModelOutput, torch.Tensor]:
         """The forward pass up to the decoder's pre-projection hidden states [B, T, C]: (output without
         ``last_hidden_state``, hidden)."""
         cfg = self.config
@@ -575,7 +592,9 @@ class FSMTModel(PretrainedFSMTModel):
             raise ValueError("output_attentions is not supported: the fused attention kernels never form the "
                              "probabilities (use transformers' FSMT to inspect them)")
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        if decoder_input_ids is None:
+        if decoder_input_ids is not None and decoder_inputs_embeds is not None:
+            raise ValueError("pass decoder_input_ids or decoder_inputs_embeds, not both")
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass decoder_input_ids (or input_ids, whose right shift HF decodes then)")
             _check_ids(input_ids, "input_ids", cfg.src_vocab_size)
@@ -583,20 +602,18 @@ class FSMTModel(PretrainedFSMTModel):
         _check_ids(decoder_input_ids, "decoder_input_ids", cfg.tgt_vocab_size)
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
         if encoder_outputs is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or encoder_outputs")
-            encoder_outputs = self.encode(input_ids, attention_mask, output_hidden_states)
+            encoder_outputs = self.encode(input_ids, attention_mask, output_hidden_states, inputs_embeds)
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*tuple(encoder_outputs)[:3])
         enc = encoder_outputs.last_hidden_state
-        B, T = decoder_input_ids.shape
+        B, T = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[:2]
         enc_mask = _check_mask(attention_mask, "attention_mask", tuple(enc.shape[:2]))
         cache = self._cache(cache, use_cache, B, T, enc)
         kv_cache = cache.self_attention_cache if cache is not None else None
         past = kv_cache.length if kv_cache is not None else 0
-        self_mask = self._decoder_mask(decoder_input_ids, decoder_attention_mask, past)
+        self_mask = self._decoder_mask(decoder_input_ids, decoder_attention_mask, (B, T), past)
         cross = cache.cross_attention_cache if cache is not None else self.decoder.cross_keys_values(enc)
-        x = self.decoder.embed(decoder_input_ids, past)
+        x = self.decoder.embed(decoder_input_ids, past, inputs_embeds=decoder_inputs_embeds)
         if kv_cache is not None:
             kv_cache.prepare(T)
         try:
@@ -622,13 +639,13 @@ class FSMTModel(PretrainedFSMTModel):
             cache.cross_attention_cache = self.decoder.cross_keys_values(enc)
         return cache
 
-    def _decoder_mask(self, ids: torch.Tensor, mask: torch.Tensor | None, past: int) -> torch.Tensor | None:
+    def _decoder_mask(self, ids, mask, shape: tuple[int, int], past: int) -> torch.Tensor | None:
         """The decoder's key padding mask: the given one ([B, past + T]), else its pad tokens when there is
         no past and some occur (HF's default), else none."""
-        B, T = ids.shape
+        B, T = shape
         if mask is not None:
             return _check_mask(mask, "decoder_attention_mask", (B, past + T))
-        if past == 0 and bool((ids == self.config.pad_token_id).any()):
+        if ids is not None and past == 0 and bool((ids == self.config.pad_token_id).any()):
             return ids.ne(self.config.pad_token_id).long()
         return None
 
@@ -664,16 +681,16 @@ class FSMTForConditionalGeneration(GenerationMixin, PretrainedFSMTModel):
         return self.model.decoder.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                encoder_outputs=None, cache=None, labels=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
+                encoder_outputs=None, cache=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         if labels is not None:
             use_cache = False
             _check_labels(labels, self.config.tgt_vocab_size)
-            if decoder_input_ids is None:
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id)
         out, hidden = self.model.decode(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                         encoder_outputs, cache, use_cache, output_attentions, output_hidden_states,
-                                        **kwargs)
+                                        inputs_embeds, decoder_inputs_embeds, **kwargs)
         loss = logits = None
         weight = self.model.decoder.output_projection.weight
         if labels is not None and torch.is_grad_enabled():
