@@ -42,7 +42,7 @@ from torch import nn
 from ..nn import LayerNorm
 from ..nn.functional import attention, decode_attention, fused_linear_cross_entropy, gelu
 from .generation import CachedDecoderSession, GenerationConfig, GenerationMixin, KVCache
-from .loading import ConfigBase, PreTrainedMixin
+from .loading import ConfigBase, PreTrainedMixin, hf_init_
 from .outputs import ModelOutput, cache_argument
 from .outputs import returned as _returned
 
@@ -479,26 +479,7 @@ class PretrainedFSMTModel(PreTrainedMixin, nn.Module):
     _keys_to_ignore_on_load_unexpected = [r"embed_positions\.weight$"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.init_std
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-    def _post_init(self) -> None:
-        with torch.no_grad():
-            for name, module in self.named_modules():
-                if not (name == "model" or name.startswith("model.")):
-                    self._init_weights(module)
-        self.tie_weights()
-
+        hf_init_(module, self.config.init_std)
 
 
 def _check_ids(ids: torch.Tensor | None, name: str, vocab: int) -> None:
@@ -550,7 +531,7 @@ class FSMTModel(PretrainedFSMTModel):
                              f"of {_ACTIVATIONS}")
         self.encoder = FSMTEncoder(config)
         self.decoder = FSMTDecoder(config)
-        self._post_init()
+        self.init_and_tie()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embed_tokens
@@ -672,7 +653,7 @@ class FSMTForConditionalGeneration(GenerationMixin, PretrainedFSMTModel):
         self.config = config
         self.model = FSMTModel(config)
         self.generation_config = GenerationConfig.from_model_config(config)
-        self._post_init()
+        self.init_and_tie()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.encoder.embed_tokens
