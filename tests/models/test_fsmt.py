@@ -186,6 +186,22 @@ def test_loss_and_gradients_match_hf(checkpoint):
         torch.testing.assert_close(ours[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_triton_path_float16_matches_float32(checkpoint):
+    _, path = checkpoint()
+    ids, mask = source_batch(rows=2)
+    dec = target_batch(36, rows=2)
+    with torch.no_grad():
+        with runtime.use_backend("torch"):
+            want = tf.FSMTForConditionalGeneration.from_pretrained(path)(ids, attention_mask=mask,
+                                                                         decoder_input_ids=dec).logits
+        with runtime.use_backend("triton"):
+            half = tf.FSMTForConditionalGeneration.from_pretrained(path, dtype=torch.float16)
+            got = half(ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert got.dtype == torch.float16
+    scale = want.abs().max()
+    close(got / scale, want / scale, dec != PAD, tol=dict(atol=2e-2, rtol=2e-2), msg="fp16 logits")
+
+
 def test_triton_path_matches_the_reference(checkpoint):
     _, path = checkpoint()
     ids, mask = source_batch(rows=2)

@@ -95,3 +95,16 @@ def test_defaults_come_from_the_config_and_the_mask_is_inferred(models):
     with runtime.use_backend("torch"):
         got = ours.generate(ids, max_new_tokens=6)  # the mask from the pads (transformers attends to them)
     assert torch.equal(got, want)
+
+
+def test_sampling_matches_hf_with_the_same_seed(models):
+    hf, ours = models
+    ids, mask = source_batch(rows=3, seed=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=8, top_p=0.9, temperature=0.8,
+                  num_beams=1, num_return_sequences=2)
+    torch.manual_seed(7)
+    want = hf.generate(ids, **kwargs)
+    torch.manual_seed(7)
+    with runtime.use_backend("torch"):
+        got = ours.generate(ids, **kwargs)
+    assert torch.equal(got, want), f"\n{got}\n{want}"
