@@ -126,6 +126,8 @@ def test_encoding_matches_transformers(files, langs, lower):
     for truncation, (a, b) in ((True, PAIRS[0]), ("only_first", PAIRS[1]), ("only_second", PAIRS[0])):
         assert_same_call(ours, ref, a, b, truncation=truncation, max_length=40)
     assert_same_call(ours, ref, CORPUS, truncation=True, max_length=6, padding=True)
+    assert_same_call(ours, ref, CORPUS[:4], text_target=CORPUS[4:8], padding=True, return_tensors="pt")
+    assert_same_call(ours, ref, text_target=CORPUS[5])
 
 
 @pytest.mark.parametrize("langs", [("en", "de"), ("de", "ru"), ("ru", "en")])

@@ -198,12 +198,23 @@ class FSMTTokenizer(BaseTokenizer):
         return [t for t in tokens if t]
 
     # ------------------------------------------------------------------ encoding
-    def __call__(self, text, text_pair=None, *, is_split_into_words: bool = False, return_tensors=None,
-                 **kwargs) -> Any:
+    def __call__(self, text=None, text_pair=None, *, text_target=None, is_split_into_words: bool = False,
+                 return_tensors=None, **kwargs) -> Any:
         """transformers' call (see :meth:`BaseTokenizer.__call__`); texts go through Moses first (a
-        pre-split input, ``is_split_into_words=True``, skips Moses and is BPE-encoded word by word)."""
-        if kwargs.pop("text_target", None) is not None:
-            raise TypeError("FSMTTokenizer encodes sources and targets alike: call it on the target text")
+        pre-split input, ``is_split_into_words=True``, skips Moses and is BPE-encoded word by word).
+        ``text_target`` is encoded the same way (source language, vocab-src: FSMT's rule) into ``labels``, or
+        is the whole result when ``text`` is None."""
+        if text_target is not None:
+            target = self(text_target, is_split_into_words=is_split_into_words, return_tensors=return_tensors,
+                          **kwargs)
+            if text is None:
+                return target
+            out = self(text, text_pair, is_split_into_words=is_split_into_words, return_tensors=return_tensors,
+                       **kwargs)
+            out["labels"] = target["input_ids"]
+            return out
+        if text is None:
+            raise ValueError("pass text or text_target")
         split = kwargs.get("split_special_tokens")
         split = self.split_special_tokens if split is None else bool(split)
         words = text if is_split_into_words else self._words(text, split)
