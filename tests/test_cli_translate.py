@@ -56,7 +56,7 @@ def test_translate_keeps_order_and_blank_lines(model_dir, tmp_path, capsys):
     src.write_text("\n".join(LINES) + "\n")
     with runtime.use_backend("torch"):
         rc = main(["translate", "--model", str(model_dir), "--input", str(src), "--batch-size", "2",
-                   "--num-beams", "2", "--max-new-tokens", "6", "--progress"])
+                   "--num-beams", "2", "--max-new-tokens", "6", "--progress", "--device", "cpu"])
         want = expected(model_dir, LINES, num_beams=2, max_new_tokens=6)
     captured = capsys.readouterr()
     assert rc == 0
@@ -70,7 +70,7 @@ def test_translate_reads_stdin_and_writes_a_file(model_dir, tmp_path, capsys, mo
     out = tmp_path / "out.txt"
     with runtime.use_backend("torch"):
         rc = main(["translate", "--model", str(model_dir), "--output", str(out), "--num-beams", "1",
-                   "--max-new-tokens", "4", "--quiet"])
+                   "--max-new-tokens", "4", "--quiet", "--device", "cpu"])
         want = expected(model_dir, ["a dog", "", "zebra quiz"], num_beams=1, max_new_tokens=4)
     captured = capsys.readouterr()
     assert rc == 0 and captured.out == "" and captured.err == ""

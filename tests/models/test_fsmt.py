@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from tests.models.common import (TOL, assert_forward_arguments_match_hf, assert_output_fields_match_hf,  # noqa: E402
                                  close)
+from tests.helpers import DEVICE  # noqa: E402
 from tests.models.fsmt_common import CONFIGS, EOS, PAD, make_checkpoint, source_batch  # noqa: E402
 from tritonformers import runtime  # noqa: E402
 from tritonformers.models import fsmt as tf  # noqa: E402
@@ -188,14 +189,14 @@ def test_loss_and_gradients_match_hf(checkpoint):
 
 def test_triton_path_float16_matches_float32(checkpoint):
     _, path = checkpoint()
-    ids, mask = source_batch(rows=2)
-    dec = target_batch(36, rows=2)
+    ids, mask = (t.to(DEVICE) for t in source_batch(rows=2))
+    dec = target_batch(36, rows=2).to(DEVICE)
     with torch.no_grad():
         with runtime.use_backend("torch"):
-            want = tf.FSMTForConditionalGeneration.from_pretrained(path)(ids, attention_mask=mask,
-                                                                         decoder_input_ids=dec).logits
+            want = tf.FSMTForConditionalGeneration.from_pretrained(path, device=DEVICE)(
+                ids, attention_mask=mask, decoder_input_ids=dec).logits
         with runtime.use_backend("triton"):
-            half = tf.FSMTForConditionalGeneration.from_pretrained(path, dtype=torch.float16)
+            half = tf.FSMTForConditionalGeneration.from_pretrained(path, dtype=torch.float16, device=DEVICE)
             got = half(ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert got.dtype == torch.float16
     scale = want.abs().max()
@@ -204,13 +205,13 @@ def test_triton_path_float16_matches_float32(checkpoint):
 
 def test_triton_path_matches_the_reference(checkpoint):
     _, path = checkpoint()
-    ids, mask = source_batch(rows=2)
-    dec = target_batch(36, rows=2)
+    ids, mask = (t.to(DEVICE) for t in source_batch(rows=2))
+    dec = target_batch(36, rows=2).to(DEVICE)
     labels = dec.roll(-1, dims=1)
     results = {}
     for be in ("torch", "triton"):
         with runtime.use_backend(be):
-            model = tf.FSMTForConditionalGeneration.from_pretrained(path)
+            model = tf.FSMTForConditionalGeneration.from_pretrained(path, device=DEVICE)
             with torch.no_grad():
                 logits = model(ids, attention_mask=mask, decoder_input_ids=dec).logits
             loss = model(ids, attention_mask=mask, decoder_input_ids=dec, labels=labels).loss
@@ -227,11 +228,11 @@ def test_triton_generate_matches_the_reference_path(checkpoint):
     """Greedy and beam search through the kernels (decode attention over the static caches; the CUDA-graph
     step on CUDA) give the reference path's ids and scores."""
     _, path = checkpoint("base", eos_bias=3.0)
-    ids, mask = source_batch(rows=2, seed=3)
+    ids, mask = (t.to(DEVICE) for t in source_batch(rows=2, seed=3))
     runs = {}
     for be in ("torch", "triton"):
         with runtime.use_backend(be):
-            model = tf.FSMTForConditionalGeneration.from_pretrained(path)
+            model = tf.FSMTForConditionalGeneration.from_pretrained(path, device=DEVICE)
             greedy = model.generate(ids, attention_mask=mask, num_beams=1, max_new_tokens=4)
             beam = model.generate(ids, attention_mask=mask, num_beams=2, num_return_sequences=2, max_new_tokens=3,
                                   return_dict_in_generate=True)
@@ -239,6 +240,22 @@ def test_triton_generate_matches_the_reference_path(checkpoint):
     assert torch.equal(runs["triton"][0], runs["torch"][0])
     assert torch.equal(runs["triton"][1], runs["torch"][1])
     torch.testing.assert_close(runs["triton"][2], runs["torch"][2], **TRITON_TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_matches_hf(checkpoint, dtype):
+    """Kernels in bf16/fp16 against transformers in the same dtype (its softmax runs in that dtype too)."""
+    hf, path = checkpoint()
+    theirs = transformers.FSMTForConditionalGeneration.from_pretrained(path, dtype=dtype).cuda().eval()
+    ours = tf.FSMTForConditionalGeneration.from_pretrained(path, dtype=dtype, device="cuda")
+    ids, mask = (t.cuda() for t in source_batch(rows=3, length=24))
+    dec = target_batch(36, length=16).cuda()
+    with torch.no_grad():
+        want = theirs(ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+        got = ours(ids, attention_mask=mask, decoder_input_ids=dec).logits
+    scale = want.abs().max()
+    close(got / scale, want / scale, dec != PAD, tol=dict(atol=3e-2, rtol=3e-2), msg="logits")
 
 
 # ----------------------------------------------------------------------------------------------------------
