@@ -110,16 +110,15 @@ def translate_lines(lines: list[str], model, tokenizer, sink: TextIO, *, batch_s
     import torch
 
     todo = [i for i, line in enumerate(lines) if line.strip()]
-    lengths = {i: len(tokenizer(lines[i])["input_ids"]) for i in todo}
-    order = sorted(todo, key=lambda i: (-lengths[i], i))
+    encoded = dict(zip(todo, tokenizer([lines[i] for i in todo])["input_ids"])) if todo else {}  # Moses once
+    order = sorted(todo, key=lambda i: (-len(encoded[i]), i))
     results: dict[int, str] = {i: "" for i, line in enumerate(lines) if not line.strip()}
     written, generated = 0, 0
     bar = _Progress(len(todo), progress)
     for batch in _chunks(order, batch_size):
-        enc = tokenizer([lines[i] for i in batch], padding=True, return_tensors="pt")
+        ids, mask = _right_padded([encoded[i] for i in batch], tokenizer.pad_token_id)
         with torch.no_grad():
-            out = model.generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                 **generate_kwargs)
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), **generate_kwargs)
         rows = out.cpu()  # one row per sentence: translate asks for one sequence each
         generated += int((rows[:, 1:] != model.config.pad_token_id).sum())
         for i, text in zip(batch, tokenizer.batch_decode(rows, skip_special_tokens=True)):
@@ -129,6 +128,19 @@ def translate_lines(lines: list[str], model, tokenizer, sink: TextIO, *, batch_s
     _flush(results, lines, written, sink)
     bar.close()
     return generated
+
+
+def _right_padded(rows: list[list[int]], pad_id: int):
+    """ids [B, L] and mask [B, L] (1 = a real token) of token lists padded on the right, as the tokenizer pads."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, :len(row)] = 1
+    return ids, mask
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
