@@ -317,7 +317,13 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-SUBCOMMANDS = [_add_bench, _add_generate]
+def _add_translate(subparsers) -> None:
+    from .translate import add_parser  # light: torch is imported when the command runs
+
+    add_parser(subparsers)
+
+
+SUBCOMMANDS = [_add_bench, _add_generate, _add_translate]  # translate: tritonformers/translate.py
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -204,7 +204,7 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0,
     "early_stopping": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     "decoder_start_token_id": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "use_cache": True, "return_dict_in_generate": False, "output_scores": False,
+    "use_cache": True, "return_dict_in_generate": False, "output_scores": False, "bad_words_ids": None,
 }
 
 
@@ -390,7 +390,7 @@ def process_scores(cfg: dict, input_ids: torch.Tensor, scores: torch.Tensor, *, 
                    eos: torch.Tensor | None, prompt_pads: torch.Tensor | None, warp: bool,
                    min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Apply transformers' logits processors to float32 ``scores`` [N, V] given the sequences so far
-    ``input_ids`` [N, L]: repetition penalty (prompt pads ignored), no-repeat n-grams, min length, min new
+    ``input_ids`` [N, L]: repetition penalty (prompt pads ignored), no-repeat n-grams, bad words, min length, min new
     tokens, forced BOS at length 1, forced EOS at ``max_length - 1``; then, when ``warp`` (sampling),
     temperature, top-k and top-p."""
     L = input_ids.shape[1]
@@ -398,6 +398,8 @@ def process_scores(cfg: dict, input_ids: torch.Tensor, scores: torch.Tensor, *, 
         scores = _repetition_penalty(input_ids, scores, cfg["repetition_penalty"], prompt_pads)
     if cfg["no_repeat_ngram_size"] and cfg["no_repeat_ngram_size"] > 0:
         scores = _no_repeat_ngram(input_ids, scores, cfg["no_repeat_ngram_size"])
+    if cfg["bad_words_ids"]:
+        scores = _bad_words(input_ids, scores, cfg["bad_words_ids"], eos)
     if eos is not None and cfg["min_length"] and cfg["min_length"] > 0 and L < cfg["min_length"]:
         scores = scores.index_fill(1, eos, -math.inf)
     if eos is not None and cfg["min_new_tokens"] and L - prompt_len < cfg["min_new_tokens"]:
@@ -436,6 +438,23 @@ def _no_repeat_ngram(input_ids, scores, n: int):
     banned = scores.new_zeros((scores.shape[0], V + 1), dtype=torch.bool)
     banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
     return scores.masked_fill(banned[:, :V], -math.inf)
+
+
+def _bad_words(input_ids, scores, bad_words: list, eos):
+    """transformers' NoBadWordsLogitsProcessor: a one-token entry is banned always (an entry that is just an
+    eos id is dropped); a longer one bans its last token where the sequence ends with the rest."""
+    eos_ids = set() if eos is None else set(eos.tolist())
+    if any(t >= scores.shape[-1] for seq in bad_words for t in seq):
+        raise ValueError(f"bad_words_ids holds ids beyond the vocabulary ({scores.shape[-1]} tokens)")
+    banned = torch.zeros_like(scores, dtype=torch.bool)
+    L = input_ids.shape[1]
+    for seq in bad_words:
+        if len(seq) == 1 and seq[0] not in eos_ids:
+            banned[:, seq[0]] = True
+        elif 1 < len(seq) <= L + 1:
+            prefix = torch.tensor(seq[:-1], dtype=input_ids.dtype, device=input_ids.device)
+            banned[:, seq[-1]] |= (input_ids[:, L + 1 - len(seq):] == prefix).all(dim=1)
+    return scores.masked_fill(banned, -math.inf)
 
 
 def _warp(cfg: dict, scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -495,6 +514,10 @@ def _validate(cfg: dict) -> None:
             raise ValueError(f"top_p must be in [0, 1], got {cfg['top_p']!r}")
         if cfg["top_k"] is not None and (not isinstance(cfg["top_k"], int) or cfg["top_k"] < 0):
             raise ValueError(f"top_k must be a non-negative int, got {cfg['top_k']!r}")
+    bad = cfg["bad_words_ids"]
+    if bad is not None and not (isinstance(bad, (list, tuple)) and bad and all(
+            isinstance(seq, (list, tuple)) and seq and all(isinstance(t, int) and t >= 0 for t in seq) for seq in bad)):
+        raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {bad!r}")
     if not cfg["repetition_penalty"] > 0:
         raise ValueError(f"repetition_penalty must be positive, got {cfg['repetition_penalty']!r}")
 
@@ -566,7 +589,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     """Generate continuations as ``transformers``' ``model.generate`` does (greedy, sampling, beam search,
     beam sampling). Settings come from ``kwargs`` (HF's names: ``max_new_tokens``, ``max_length``,
     ``min_length``, ``min_new_tokens``, ``do_sample``, ``num_beams``, ``num_return_sequences``,
-    ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
     ``length_penalty``, ``early_stopping``, ``eos_token_id`` (int or list), ``pad_token_id``,
     ``bos_token_id``, ``forced_bos_token_id``, ``forced_eos_token_id``, ``return_dict_in_generate``,
     ``output_scores``), then ``generation_config``, then ``model.generation_config`` (the checkpoint's

@@ -36,7 +36,7 @@ from torch import nn
 
 __all__ = [
     "ConfigBase", "PreTrainedMixin", "LoadReport", "read_config", "write_config", "load_state_dict",
-    "save_state_dict", "load_into", "checkpoint_dtype", "checkpoint_files", "parse_size",
+    "save_state_dict", "load_into", "checkpoint_dtype", "checkpoint_files", "parse_size", "hf_init_",
 ]
 
 CONFIG_NAME = "config.json"
@@ -863,6 +863,23 @@ def _check_model_type(cls: type, path: str | os.PathLike, config: dict) -> dict:
         f"config={cls.config_class.__name__}.from_pretrained(path) to load it anyway")
 
 
+def hf_init_(module: nn.Module, std: float) -> None:
+    """transformers' usual ``_init_weights`` rule, in place: Linear and Embedding weights N(0, std), biases
+    zero, an embedding's padding row zero, LayerNorm weight one and bias zero; other modules untouched."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None and not module.weight.is_meta:
+            module.weight.data[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class PreTrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for an ``nn.Module`` model class built as ``cls(config)``.
 
@@ -961,6 +978,16 @@ class PreTrainedMixin:
             p = f"{name}." if name else ""
             tied.update({p + t: p + s for t, s in keys.items()})
         return tied
+
+    def init_and_tie(self) -> None:
+        """HF's ``post_init`` for a model built in ``__init__``: ``self._init_weights`` on every module outside
+        the base model (``base_model_prefix``; its own constructor initialised it), then :meth:`tie_weights`."""
+        p = self.base_model_prefix
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if not p or not (name == p or name.startswith(p + ".")):
+                    self._init_weights(module)
+        self.tie_weights()
 
     def tie_weights(self, *, only_if_equal: bool = False) -> None:
         """Make each tied target the very same parameter as its source.
