@@ -343,10 +343,12 @@ def lsh_hash(qk: torch.Tensor, num_hashes: int, num_buckets, attention_mask=None
             digit = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
             buckets = digit if buckets is None else buckets + product * digit
             product *= factor
-    if attention_mask is not None and bool((attention_mask == 0).any()):
-        n_buckets += 1  # an extra bucket for padded positions
-        pad = ~attention_mask.bool()[:, None, None, :].expand(buckets.shape)
-        buckets = torch.where(pad, torch.full_like(buckets, n_buckets - 1), buckets)
+    if attention_mask is not None:
+        # HF adds an extra bucket for padded positions when there are any; as a device tensor, so that
+        # hashing never waits for the GPU (a host-side `.any()` would synchronise every call)
+        pad = ~attention_mask.bool()
+        n_buckets = n_buckets + pad.any().to(buckets.dtype)
+        buckets = torch.where(pad[:, None, None, :], n_buckets - 1, buckets)
     offsets = (torch.arange(num_hashes, device=qk.device) * n_buckets).view(1, 1, -1, 1)
     return buckets + offsets
 
