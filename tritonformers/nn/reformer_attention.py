@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..kernels.lsh_attention import KEY_NORM_EPS, SELF_MASK_VALUES, bucket_count, lsh_hash
 from . import functional as F
 
 
@@ -77,6 +78,38 @@ class LocalSelfAttention(nn.Module):
                                 key_padding_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0)
         return ReformerSelfAttentionOutput(_merge_heads(out))
 
+    def decode_step(self, hidden_states: torch.Tensor, past_states: torch.Tensor) -> torch.Tensor:
+        """HF's cached one-token step: hidden_states [B, 1, hidden] (post-LayerNorm, as cached) attends to the
+        cached states of its own and ``num_chunks_before`` previous chunks, ``past_states[:, start:]`` with
+        ``start = (Lp // c - before) * c`` (Python slice: negative counts from the end), and to itself; no mask
+        (the causal one is all true). Returns [B, 1, heads * head_size]. Torch ops: one query row against a
+        few chunks is launch-bound glue a kernel would not speed up."""
+        c = self.chunk_length
+        start = (past_states.shape[1] // c - self.num_chunks_before) * c
+        kv = torch.cat([past_states[:, start:], hidden_states], dim=1)
+        heads = (self.num_attention_heads, self.attention_head_size)
+        q = _split_heads(self.query(hidden_states), *heads)
+        k = _split_heads(self.key(kv), *heads) / math.sqrt(self.attention_head_size)
+        v = _split_heads(self.value(kv), *heads)
+        dots = torch.matmul(q, k.transpose(-1, -2))
+        probs = torch.exp(dots - torch.logsumexp(dots, dim=-1, keepdim=True))
+        return _merge_heads(torch.matmul(probs, v))
+
+
+def _key_norm(x: torch.Tensor) -> torch.Tensor:
+    """LSH keys from the shared qk: ``x * rsqrt(mean(x^2) + 1e-6) / sqrt(D)`` (HF's _len_and_dim_norm)."""
+    x = x * torch.rsqrt(torch.mean(x**2, -1, keepdim=True) + KEY_NORM_EPS)
+    return x / math.sqrt(x.shape[-1])
+
+
+def _softmax_attend(q, k, v, self_mask):
+    """exp(S - logsumexp S) @ v with S = q k^T and the SELF value where ``self_mask``; also the lse."""
+    dots = torch.matmul(q, k.transpose(-1, -2))
+    dots = torch.where(self_mask, torch.tensor(SELF_MASK_VALUES[dots.dtype], dtype=dots.dtype, device=dots.device),
+                       dots)
+    lse = torch.logsumexp(dots, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(dots - lse), v), lse
+
 
 class LSHSelfAttention(nn.Module):
     """LSH self-attention on the fused kernel (``tritonformers.nn.functional.lsh_attention``).
@@ -111,7 +144,7 @@ class LSHSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size, bias=False)
 
     def forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None, past_buckets_states=None,
-                use_cache=False, output_attentions=False, **kwargs) -> ReformerSelfAttentionOutput:
+                use_cache=False, output_attentions=False, dropout_seed=None, **kwargs) -> ReformerSelfAttentionOutput:
         if past_buckets_states is not None:
             raise ValueError("past_buckets_states: cached decoding is served by the Reformer model "
                              "(tritonformers.models.reformer), not by this module on its own")
@@ -127,9 +160,63 @@ class LSHSelfAttention(nn.Module):
         heads = (self.num_attention_heads, self.attention_head_size)
         qk = _split_heads(self.query_key(hidden_states), *heads)
         v = _split_heads(self.value(hidden_states), *heads)
+        if dropout_seed is not None:  # hash first, then reseed: a recomputation given the buckets draws the same dropout
+            if L > self.chunk_length and buckets is None:
+                buckets = lsh_hash(qk, num_hashes, self.num_buckets, attention_mask, self.hash_seed)
+            torch.manual_seed(dropout_seed)
         out, buckets = F.lsh_attention(
             qk, v, chunk_length=self.chunk_length, num_hashes=num_hashes, num_buckets=self.num_buckets,
             num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after,
             causal=bool(self.is_decoder), key_padding_mask=attention_mask, hash_seed=self.hash_seed,
             dropout_p=self.dropout if self.training else 0.0, buckets=buckets, return_buckets=True)
         return ReformerSelfAttentionOutput(_merge_heads(out), None, buckets)
+
+    def _hash(self, qk: torch.Tensor, num_hashes: int, attention_mask=None) -> torch.Tensor:
+        if self.num_buckets is None:
+            raise ValueError("num_buckets is None and no chunked call has chosen it yet (HF fails here too): set "
+                             "config.num_buckets, or prefill more than lsh_attn_chunk_length tokens")
+        return lsh_hash(qk, num_hashes, self.num_buckets, attention_mask, self.hash_seed)
+
+    def decode_step(self, hidden_states: torch.Tensor, past_states: torch.Tensor, past_buckets: torch.Tensor,
+                    num_hashes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """HF's cached one-token step (specs/reformer.md §8). hidden_states [B, 1, hidden] and past_states
+        [B, Lp, hidden] are post-LayerNorm; past_buckets [B, heads, num_hashes, Lp] (offsets included) or empty.
+
+        Without cached buckets the token attends to all Lp + 1 states (itself SELF-masked); once Lp + 1 reaches
+        the chunk length those are hashed and returned as the layer's buckets. With cached buckets the new
+        query is hashed (pad-bucket offsets kept), each (row, head, round) is stably sorted by bucket, and the
+        query attends to the window of its sorted chunk and ``before``/``after`` neighbours (mod Lp + 1), the
+        rounds combined by their log-sum-exp. Unlike HF (whose gather reads batch row 0 for every row), each row
+        reads its own states. Returns ([B, 1, heads * head_size], new buckets or None)."""
+        num_hashes = self.num_hashes if num_hashes is None else num_hashes
+        heads = (self.num_attention_heads, self.attention_head_size)
+        q = _split_heads(self.query_key(hidden_states), *heads)
+        states = torch.cat([past_states, hidden_states], dim=1)
+        B, Lkv = states.shape[:2]
+        if past_buckets.numel() == 0:
+            qk = _split_heads(self.query_key(states), *heads)
+            v = _split_heads(self.value(states), *heads)
+            is_self = torch.arange(Lkv, device=states.device) == Lkv - 1
+            out, _ = _softmax_attend(q, _key_norm(qk), v, is_self)
+            buckets = self._hash(qk, num_hashes) if Lkv >= self.chunk_length else None
+            return _merge_heads(out), buckets
+        new = self._hash(q, num_hashes)
+        if past_buckets.max() > num_hashes * bucket_count(self.num_buckets)[1] - 1:  # the prefill had a pad bucket
+            new = new + torch.arange(num_hashes, device=new.device).view(1, 1, -1, 1)
+        all_buckets = torch.cat([past_buckets, new], dim=-1)
+        order = torch.argsort(all_buckets * Lkv + torch.arange(Lkv, device=states.device), dim=-1)
+        slot = torch.argmax((order == Lkv - 1).int(), dim=-1, keepdim=True)  # the new token's sorted slot
+        c, width = self.chunk_length, self.chunk_length * (1 + self.num_chunks_before + self.num_chunks_after)
+        window = ((slot // c - self.num_chunks_before) * c + torch.arange(width, device=states.device)) % Lkv
+        kpos = torch.gather(order, -1, window)  # [B, H, R, W] original positions
+        picked = states[torch.arange(B, device=states.device).view(B, 1, 1, 1), kpos]  # [B, H, R, W, hidden]
+        per_head = lambda w: w.view(*heads, -1)  # noqa: E731  [H, dh, hidden]
+        qk = torch.einsum("bhrwe,hde->bhrwd", picked, per_head(self.query_key.weight))
+        v = torch.einsum("bhrwe,hde->bhrwd", picked, per_head(self.value.weight))
+        is_self = (kpos == Lkv - 1)[..., None, :]
+        out, lse = _softmax_attend(q[:, :, None].expand(-1, -1, num_hashes, -1, -1), _key_norm(qk), v, is_self)
+        if num_hashes > 1:
+            out = torch.sum(out * torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True)), dim=2)
+        else:
+            out = out[:, :, 0]
+        return _merge_heads(out), new
