@@ -5,7 +5,7 @@ Facts follow specs/reformer.md (transformers 5.17-5.25). The pieces, bottom-up:
 * ``ReformerEmbeddings``: ``dropout(word_emb[ids]) + pos_emb(positions)``; axial positions are
   ``pos_emb[p] = concat(W0[p // S1], W1[p % S1])`` gathered directly (never the S0 x S1 table); in training
   the positions are ``0..L-1`` with ``L == S0 * S1`` (HF's error otherwise) and HF's channel dropout.
-* ``ReformerLayer``: ``Y1 = X1 + Attn(X2)``, ``Y2 = X2 + FF(Y1)``; attention is ``tritonformers.nn.
+* ``ReformerReversibleLayer``: ``Y1 = X1 + Attn(X2)``, ``Y2 = X2 + FF(Y1)``; attention is ``tritonformers.nn.
   LocalSelfAttention`` or ``LSHSelfAttention`` (the kernels) between a pre-LayerNorm and the output dense.
 * ``ReformerEncoder``: both streams start as the embeddings; the output is ``LN([X1, X2])`` over 2 * hidden.
   With gradients the layers run inside :class:`ReversibleLayersFunction`, which keeps only the last layer's
@@ -281,7 +281,7 @@ class ReformerSelfOutput(nn.Module):
         return F.dropout(self.dense(hidden_states), p=self.dropout, training=self.training)
 
 
-class ReformerAttention(nn.Module):
+class ReformerAttentionBlock(nn.Module):
     """``f(x) = dropout(dense(SelfAttention(LN(x))))``; the self-attention is the layer's kernel module."""
 
     def __init__(self, config, layer_id: int = 0):
@@ -389,13 +389,13 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-class ReformerLayer(nn.Module):
+class ReformerReversibleLayer(nn.Module):
     """One reversible block: ``Y1 = X1 + Attn(X2)``, ``Y2 = X2 + FF(Y1)``."""
 
     def __init__(self, config, layer_id: int = 0):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = ReformerAttention(config, layer_id)
+        self.attention = ReformerAttentionBlock(config, layer_id)
         self.feed_forward = ChunkReformerFeedForward(config)
 
     def forward(self, prev_attn_output, hidden_states, attention_mask=None, num_hashes=None, seeds=(None, None),
@@ -484,7 +484,7 @@ def _draw_seed() -> int:
 
 class ReversibleLayersFunction(torch.autograd.Function):
     """``[Y1, Y2]`` of the layers from ``(X1, X2)``, saving only (Y1, Y2): backward walks the layers in reverse,
-    recomputing each one's inputs from its outputs (:meth:`ReformerLayer.backward_pass`). The layers'
+    recomputing each one's inputs from its outputs (:meth:`ReformerReversibleLayer.backward_pass`). The layers'
     parameters are inputs, so their gradients flow through autograd as usual (``torch.autograd.grad`` works)."""
 
     @staticmethod
@@ -507,7 +507,7 @@ class ReformerEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dropout = config.hidden_dropout_prob
-        self.layers = nn.ModuleList([ReformerLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([ReformerReversibleLayer(config, i) for i in range(config.num_hidden_layers)])
         self.layer_norm = LayerNorm(2 * config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, num_hashes=None, cache=None, orig_sequence_length=None,
