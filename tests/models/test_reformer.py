@@ -267,7 +267,7 @@ def test_training_step_gradients_match_hf(tmp_path, head):
         b.loss.backward()
     torch.testing.assert_close(b.loss, a.loss, **TOL)
     theirs, mine = grads_of(hf), grads_of(ours)
-    assert set(mine) == set(theirs)
+    assert set(theirs) <= set(mine) and set(mine) - set(theirs) <= {"lm_head.decoder.bias"}  # (5.17 has none)
     for name, g in theirs.items():
         torch.testing.assert_close(mine[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -297,8 +297,8 @@ def test_reversible_backward_replays_dropout_exactly(tmp_path, monkeypatch):
     (loss_rev, rev), (loss_plain, plain) = results
     torch.testing.assert_close(loss_rev, loss_plain, rtol=0, atol=0)
     assert set(rev) == set(plain)
-    for name in plain:
-        torch.testing.assert_close(rev[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in plain:  # X2 = Y2 - g(Y1) reconstructs the inputs to rounding (~1e-4 here): a replay error is O(1)
+        torch.testing.assert_close(rev[name], plain[name], atol=3e-4, rtol=1e-3, msg=name)
 
 
 def _saved_bytes(model, ids) -> int:
