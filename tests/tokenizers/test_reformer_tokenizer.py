@@ -72,7 +72,13 @@ def pair(request, models, tmp_path_factory):
     if name == "json":
         AutoTokenizer.from_pretrained(source).save_pretrained(directory / "json")
         source = str(directory / "json")
-    return ReformerTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    try:
+        ref = AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - older transformers (5.17) fail on an empty charsmap themselves
+        if name == "bpe_identity" and "precompiled_charsmap" in str(error):
+            pytest.skip(f"this transformers cannot load a model without a charsmap: {error}")
+        raise
+    return ReformerTokenizer.from_pretrained(source), ref
 
 
 def test_loads_as_transformers_does(pair):
