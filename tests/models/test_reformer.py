@@ -437,3 +437,24 @@ def test_triton_path_forward_and_training_step_match_reference(tmp_path):
     torch.testing.assert_close(loss_tri, loss_ref, atol=1e-4, rtol=1e-4)
     for name in ref:
         torch.testing.assert_close(tri[name], ref[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+def test_cli_generate_matches_hf(tmp_path, capsys):
+    """`tritonformers generate` on a local Reformer checkpoint with its spiece.model equals HF's ids."""
+    pytest.importorskip("google.protobuf", reason="transformers reads spiece.model through protobuf")
+    from tests.tokenizers.test_reformer_tokenizer import checkpoint, train
+    from tritonformers.cli import main
+
+    source = checkpoint(tmp_path / "ckpt", train(tmp_path / "spm"))
+    tok = transformers.AutoTokenizer.from_pretrained(source)
+    overrides = dict(CASES["decoder_mixed"][0], vocab_size=len(tok), axial_pos_shape=(4, 8), chunk_size_feed_forward=0,
+                     max_position_embeddings=32)
+    hf, _ = make_checkpoint(source, overrides, "ReformerModelWithLMHead")
+    prompt = "The quick brown fox"
+    argv = ["generate", "--model", source, "--max-new-tokens", "5", "--device", "cpu", "--prompt", prompt]
+    capsys.readouterr()
+    with runtime.use_backend("torch"):
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    ids = hf.generate(tok(prompt, return_tensors="pt").input_ids, max_new_tokens=5, do_sample=False)
+    assert printed == tok.decode(ids[0], skip_special_tokens=True) + "\n"

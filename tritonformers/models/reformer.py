@@ -349,13 +349,12 @@ def _activation(act):
     return ACT2FN[act]
 
 
-def apply_chunked(fn, chunk_size: int, x: torch.Tensor, name: str) -> torch.Tensor:
-    """``fn`` over sequence chunks of ``chunk_size`` (0 = whole); HF's apply_chunking_to_forward."""
-    if chunk_size <= 0:
+def apply_chunked(fn, chunk_size: int, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` over sequence chunks of ``chunk_size`` (0 = whole), as HF's apply_chunking_to_forward, which
+    computes the same; a shorter last chunk is allowed (HF raises, so its cached one-token steps fail with
+    chunk_size_feed_forward > 1)."""
+    if chunk_size <= 0 or x.shape[1] <= chunk_size:
         return fn(x)
-    if x.shape[1] % chunk_size:
-        raise ValueError(f"The dimension to be chunked {x.shape[1]} has to be a multiple of the chunk size "
-                         f"{chunk_size} ({name})")
     return torch.cat([fn(part) for part in x.split(chunk_size, dim=1)], dim=1)
 
 
@@ -370,8 +369,7 @@ class ChunkReformerFeedForward(nn.Module):
         self.output = ReformerFeedForwardOutput(config)
 
     def forward(self, attention_output):
-        return apply_chunked(self.forward_chunk, self.chunk_size_feed_forward, attention_output,
-                             "chunk_size_feed_forward")
+        return apply_chunked(self.forward_chunk, self.chunk_size_feed_forward, attention_output)
 
     def forward_chunk(self, hidden_states):
         return self.output(self.dense(self.layer_norm(hidden_states)))
@@ -702,7 +700,7 @@ class ReformerOnlyLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states):
-        return apply_chunked(self.decoder, self.chunk_size_lm_head, hidden_states, "chunk_size_lm_head")
+        return apply_chunked(self.decoder, self.chunk_size_lm_head, hidden_states)
 
 
 def _lm_loss(hidden, head: ReformerOnlyLMHead, targets, vocab: int, num_items_in_batch=None, ignore_index=-100):
