@@ -379,6 +379,26 @@ def test_batched_generation_equals_one_row_at_a_time(lm):
         ours.generate(ids, attention_mask=torch.tensor([[0] + [1] * 12, [1] * 13]), max_new_tokens=2)
 
 
+def test_beam_search_and_fp16_match_hf(tmp_path):
+    """Beam search (the cache reordered between steps) gives HF's ids on a local-attention decoder (HF's batched
+    LSH cache step reads row 0, so beams over LSH layers are compared one row at a time above); in float16
+    (HF's fp16 mask constants) logits equal HF's."""
+    overrides = dict(CASES["decoder_mixed"][0], attn_layers=["local", "local"], axial_pos_shape=(4, 8),
+                     chunk_size_feed_forward=0, max_position_embeddings=32)  # (HF cannot chunk 1-token steps)
+    hf, path = make_checkpoint(tmp_path, overrides, "ReformerModelWithLMHead")
+    ours = tr.ReformerModelWithLMHead.from_pretrained(path)
+    ids, _ = inputs(5, batch=1, seed=3)
+    options = dict(max_new_tokens=8, num_beams=2, num_return_sequences=2, length_penalty=0.5)
+    with runtime.use_backend("torch"):
+        assert ours.generate(ids, **options).tolist() == hf.generate(ids, do_sample=False, **options).tolist()
+    half = tr.ReformerModelWithLMHead.from_pretrained(path, dtype=torch.float16)
+    ids, mask = inputs(24, "both")
+    with torch.no_grad():
+        a, b = run_both(hf.half(), half, input_ids=ids, attention_mask=mask, use_cache=False)
+    assert b.logits.dtype == torch.float16
+    close(b.logits, a.logits, tol=dict(atol=1e-2, rtol=1e-2), msg="fp16 logits")
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 def test_bad_input_raises_clear_errors(tmp_path, lm):
@@ -447,8 +467,8 @@ def test_cli_generate_matches_hf(tmp_path, capsys):
 
     source = checkpoint(tmp_path / "ckpt", train(tmp_path / "spm"))
     tok = transformers.AutoTokenizer.from_pretrained(source)
-    overrides = dict(CASES["decoder_mixed"][0], vocab_size=len(tok), axial_pos_shape=(4, 8), chunk_size_feed_forward=0,
-                     max_position_embeddings=32)
+    overrides = dict(CASES["decoder_mixed"][0], vocab_size=len(tok), axial_pos_shape=(4, 8),
+                     chunk_size_feed_forward=0, max_position_embeddings=32)
     hf, _ = make_checkpoint(source, overrides, "ReformerModelWithLMHead")
     prompt = "The quick brown fox"
     argv = ["generate", "--model", source, "--max-new-tokens", "5", "--device", "cpu", "--prompt", prompt]

@@ -186,7 +186,8 @@ register(Case(
     gpu_shape={**_ENWIK8, "B": 1, "N": 65536}, cpu_shape={**_TINY_REFORMER, "B": 1, "N": 64},
     tokens=lambda s: s["B"] * s["N"],
     impls=lm.train_impls(_make_reformer, "hf_eager", "tritonformers ReformerModelWithLMHead (reversible, fused "
-                         "local/LSH kernels, fused loss), AdamW step", "transformers ReformerModelWithLMHead, AdamW step"),
+                         "local/LSH kernels, fused loss), AdamW step",
+                         "transformers ReformerModelWithLMHead, AdamW step"),
     description="google/reformer-enwik8-shaped training step, 65,536 tokens (weights stepped: not compared)"))
 
 

@@ -39,7 +39,7 @@ class LocalSelfAttention(nn.Module):
     ``ReformerSelfAttentionOutput`` with hidden_states [B, L, heads * head_size]. As in HF only the keys are
     divided by sqrt(head_size); ``is_decoder`` makes it causal; L must be a multiple of the chunk length
     when it exceeds it (the Reformer model pads). ``output_attentions`` is not offered: the point of the
-    kernel is never to form the probabilities.
+    kernel is never to form the probabilities. ``decode_step`` is HF's cached one-token step.
     """
 
     def __init__(self, config, layer_idx: int | None = None):
@@ -122,6 +122,9 @@ class LSHSelfAttention(nn.Module):
     Hashing draws its rotations from torch's generator exactly as HF does (one draw per call, after
     ``torch.manual_seed(hash_seed)`` when the config sets it), so the same seed gives the same buckets. With
     ``num_buckets=None`` the first chunked call picks it as HF does and writes it into the config too.
+    ``dropout_seed`` (the reversible Reformer layers): hash first, then ``torch.manual_seed(dropout_seed)``
+    before the attention draws its dropout, so a recomputation given the buckets draws the same masks (the
+    caller restores its RNG state). ``decode_step`` is HF's cached one-token step.
     """
 
     def __init__(self, config, layer_idx: int | None = None):
@@ -160,9 +163,9 @@ class LSHSelfAttention(nn.Module):
         heads = (self.num_attention_heads, self.attention_head_size)
         qk = _split_heads(self.query_key(hidden_states), *heads)
         v = _split_heads(self.value(hidden_states), *heads)
-        if dropout_seed is not None:  # hash first, then reseed: a recomputation given the buckets draws the same dropout
+        if dropout_seed is not None:  # hash, then reseed: a recomputation given the buckets draws the same dropout
             if L > self.chunk_length and buckets is None:
-                buckets = lsh_hash(qk, num_hashes, self.num_buckets, attention_mask, self.hash_seed)
+                buckets = self._hash(qk, num_hashes, attention_mask)
             torch.manual_seed(dropout_seed)
         out, buckets = F.lsh_attention(
             qk, v, chunk_length=self.chunk_length, num_hashes=num_hashes, num_buckets=self.num_buckets,
