@@ -703,6 +703,21 @@ class ReformerOnlyLMHead(nn.Module):
         return apply_chunked(self.decoder, self.chunk_size_lm_head, hidden_states)
 
 
+class _WithLMHead:
+    """What both LM heads share: the ``lm_head`` (initialised as HF does) and its output-embedding accessors."""
+
+    def _add_lm_head(self, config) -> None:
+        self.lm_head = ReformerOnlyLMHead(config)
+        nn.init.normal_(self.lm_head.decoder.weight, std=config.initializer_range)
+        nn.init.zeros_(self.lm_head.decoder.bias)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head.decoder = value
+
+
 def _lm_loss(hidden, head: ReformerOnlyLMHead, targets, vocab: int, num_items_in_batch=None, ignore_index=-100):
     """Cross-entropy of the head's logits against ``targets``: fused (no [tokens, V] logits) when gradients
     are on; mean over non-ignored targets, or a sum divided by ``num_items_in_batch`` (HF's rule)."""
@@ -720,7 +735,7 @@ def _logits_loss(logits, targets, num_items_in_batch=None, ignore_index=-100):
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
-class ReformerModelWithLMHead(GenerationMixin, ReformerPreTrainedModel):
+class ReformerModelWithLMHead(GenerationMixin, _WithLMHead, ReformerPreTrainedModel):
     """HF's causal ``ReformerModelWithLMHead`` (needs ``is_decoder`` and no chunks after): forward(input_ids,
     position_ids, attention_mask, inputs_embeds, num_hashes, past_buckets_states, use_cache,
     output_hidden_states, output_attentions, return_dict, labels, logits_to_keep=0) ->
@@ -739,16 +754,8 @@ class ReformerModelWithLMHead(GenerationMixin, ReformerPreTrainedModel):
                                  f"{getattr(config, f'{kind}_num_chunks_after')}")
         self.config = config
         self.reformer = ReformerModel(config)
-        self.lm_head = ReformerOnlyLMHead(config)
+        self._add_lm_head(config)
         self.generation_config = GenerationConfig.from_model_config(config)
-        nn.init.normal_(self.lm_head.decoder.weight, std=config.initializer_range)
-        nn.init.zeros_(self.lm_head.decoder.bias)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head.decoder = value
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, inputs_embeds=None, num_hashes=None,
                 past_buckets_states=None, use_cache=None, output_hidden_states=None, output_attentions=None,
@@ -811,7 +818,7 @@ class ReformerSession(DecodeSession):
         self.cache.reorder_cache(index)
 
 
-class ReformerForMaskedLM(ReformerPreTrainedModel):
+class ReformerForMaskedLM(_WithLMHead, ReformerPreTrainedModel):
     """HF's ``ReformerForMaskedLM`` (bidirectional: ``is_decoder`` must be False): forward(input_ids,
     position_ids, attention_mask, inputs_embeds, num_hashes, labels, ...) -> MaskedLMOutput; the loss is the
     unshifted cross-entropy (ignore -100), fused when gradients are on (``logits`` None then)."""
@@ -823,15 +830,7 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
                              "bi-directional self-attention.")
         self.config = config
         self.reformer = ReformerModel(config)
-        self.lm_head = ReformerOnlyLMHead(config)
-        nn.init.normal_(self.lm_head.decoder.weight, std=config.initializer_range)
-        nn.init.zeros_(self.lm_head.decoder.bias)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head.decoder = value
+        self._add_lm_head(config)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, inputs_embeds=None, num_hashes=None,
                 labels=None, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
