@@ -19,7 +19,8 @@ Differences from HF, all where HF is wrong or unhelpful: training-mode dropout s
 generator (so ``torch.manual_seed`` reproduces a step) inside a forked RNG (the caller's RNG state is not
 clobbered); the reversible backward works in eval mode too and replays the forward's ``num_hashes``; cached
 LSH decoding gathers each batch row's own states; ``position_ids`` with auto-padding are extended instead of
-crashing; ``output_attentions=True`` is refused (the kernels never form the probabilities).
+crashing. ``output_attentions=True`` runs the attention on the PyTorch reference path (the kernels never form
+the probabilities), an error when the Triton backend is forced.
 """
 
 from __future__ import annotations
@@ -293,15 +294,17 @@ class ReformerAttentionBlock(nn.Module):
         self.self_attention = module(config, layer_idx=layer_id)
         self.output = ReformerSelfOutput(config)
 
-    def forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None, dropout_seed=None):
-        """-> (output [B, L, hidden], buckets [B, H, num_hashes, L] or None, LN(hidden_states))."""
+    def forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None, dropout_seed=None,
+                output_attentions=False):
+        """-> (output [B, L, hidden], buckets [B, H, num_hashes, L] or None, LN(hidden_states), probabilities
+        or None)."""
         normed = self.layer_norm(hidden_states)
         if self.kind == "lsh":
             out = self.self_attention(normed, attention_mask, num_hashes=num_hashes, buckets=buckets,
-                                      dropout_seed=dropout_seed)
+                                      dropout_seed=dropout_seed, output_attentions=output_attentions)
         else:
-            out = self.self_attention(normed, attention_mask)
-        return self.output(out.hidden_states), out.buckets, normed
+            out = self.self_attention(normed, attention_mask, output_attentions=output_attentions)
+        return self.output(out.hidden_states), out.buckets, normed, out.attention_probs
 
     def decode_step(self, hidden_states, cache: ReformerDynamicCache, num_hashes=None):
         """One cached token: attends to the cached states, then appends its own (and its buckets)."""
@@ -397,11 +400,13 @@ class ReformerReversibleLayer(nn.Module):
         self.feed_forward = ChunkReformerFeedForward(config)
 
     def forward(self, prev_attn_output, hidden_states, attention_mask=None, num_hashes=None, seeds=(None, None),
-                cache=None, orig_sequence_length=None):
-        """-> (Y1, Y2, buckets). ``seeds`` (attention, feed-forward) make dropout replayable; with a fresh
-        ``cache`` the layer's states (and buckets) of the first ``orig_sequence_length`` positions are stored."""
+                cache=None, orig_sequence_length=None, output_attentions=False):
+        """-> (Y1, Y2, buckets, attention probabilities or None). ``seeds`` (attention, feed-forward) make dropout
+        replayable; with a fresh ``cache`` the layer's states (and buckets) of the first
+        ``orig_sequence_length`` positions are stored."""
         with _seeded(seeds[0], hidden_states.device):
-            attn, buckets, normed = self.attention(hidden_states, attention_mask, num_hashes, None, seeds[0])
+            attn, buckets, normed, probs = self.attention(hidden_states, attention_mask, num_hashes, None, seeds[0],
+                                                          output_attentions)
         if cache is not None:
             L0 = orig_sequence_length
             kept = buckets[..., :L0] if buckets is not None and L0 > 1 else buckets
@@ -409,7 +414,7 @@ class ReformerReversibleLayer(nn.Module):
         y1 = prev_attn_output + attn
         with _seeded(seeds[1], hidden_states.device):
             y2 = hidden_states + self.feed_forward(y1)
-        return y1, y2, buckets
+        return y1, y2, buckets, probs
 
     def backward_pass(self, y1, y2, dy1, dy2, attention_mask, num_hashes, buckets, seeds):
         """Recompute the block from its outputs and backpropagate (the reversible trick):
@@ -446,9 +451,11 @@ class _ReversibleRun:
     """What one forward through the layers keeps for its backward: the settings, each layer's seeds and
     buckets (int32), nothing else."""
 
-    def __init__(self, layers, attention_mask, num_hashes, training: bool, cache=None, orig_sequence_length=None):
+    def __init__(self, layers, attention_mask, num_hashes, training: bool, cache=None, orig_sequence_length=None,
+                 all_attentions: list | None = None):
         self.layers, self.attention_mask, self.num_hashes = layers, attention_mask, num_hashes
         self.training, self.cache, self.orig_sequence_length = training, cache, orig_sequence_length
+        self.all_attentions = all_attentions
         self.seeds: list[tuple[int | None, int | None]] = []
         self.buckets: list[torch.Tensor | None] = []
 
@@ -458,8 +465,10 @@ class _ReversibleRun:
             if all_hidden_states is not None:
                 all_hidden_states.append(x2)
             seeds = (_draw_seed(), _draw_seed()) if self.training else (None, None)
-            x1, x2, buckets = layer(x1, x2, self.attention_mask, self.num_hashes, seeds, self.cache,
-                                    self.orig_sequence_length)
+            x1, x2, buckets, probs = layer(x1, x2, self.attention_mask, self.num_hashes, seeds, self.cache,
+                                           self.orig_sequence_length, self.all_attentions is not None)
+            if self.all_attentions is not None:
+                self.all_attentions.append(probs)
             self.seeds.append(seeds)
             self.buckets.append(None if buckets is None else buckets.to(torch.int32))
         if all_hidden_states is not None:
@@ -509,10 +518,14 @@ class ReformerEncoder(nn.Module):
         self.layer_norm = LayerNorm(2 * config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, num_hashes=None, cache=None, orig_sequence_length=None,
-                output_hidden_states=False):
-        """Embeddings [B, L, hidden] -> (dropout(LN([X1, X2])) [B, L, 2 hidden], hidden states list or None)."""
+                output_hidden_states=False, output_attentions=False):
+        """Embeddings [B, L, hidden] -> (dropout(LN([X1, X2])) [B, L, 2 hidden], hidden states list or None,
+        attention probabilities list or None)."""
         all_hidden = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         if cache is not None and len(cache):  # one cached token through every layer
+            if output_attentions:
+                raise ValueError("output_attentions=True is not supported for cached one-token steps")
             x1 = x2 = hidden_states
             for layer in self.layers:
                 if all_hidden is not None:
@@ -523,14 +536,15 @@ class ReformerEncoder(nn.Module):
                 all_hidden.append(x2)
             out = torch.cat([x1, x2], dim=-1)
         else:
-            run = _ReversibleRun(self.layers, attention_mask, num_hashes, self.training, cache, orig_sequence_length)
+            run = _ReversibleRun(self.layers, attention_mask, num_hashes, self.training, cache, orig_sequence_length,
+                                 all_attentions)
             params = [p for p in self.layers.parameters() if p.requires_grad]
             if torch.is_grad_enabled() and (hidden_states.requires_grad or params):
                 out = ReversibleLayersFunction.apply(run, hidden_states, hidden_states, all_hidden, *params)
             else:
                 out = torch.cat(run.forward(hidden_states, hidden_states, all_hidden), dim=-1)
         out = F.dropout(self.layer_norm(out), p=self.dropout, training=self.training)
-        return out, all_hidden
+        return out, all_hidden, all_attentions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -608,9 +622,7 @@ class ReformerModel(ReformerPreTrainedModel):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = cfg.return_dict if return_dict is None else return_dict
-        if output_attentions or (output_attentions is None and cfg.output_attentions):
-            raise ValueError("output_attentions=True is not supported: the fused local/LSH kernels never form the "
-                             "attention probabilities (use transformers' ReformerModel to inspect them)")
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         input_ids, inputs_embeds, attention_mask, position_ids = _check_inputs(
             input_ids, inputs_embeds, attention_mask, position_ids)
         if num_hashes is not None:
@@ -639,10 +651,11 @@ class ReformerModel(ReformerPreTrainedModel):
         start = cache.get_start_idx() if cache is not None else 0
         embeds = self.embeddings(input_ids, position_ids, inputs_embeds, start)
         mask = None if attention_mask is None else attention_mask != 0
-        out, all_hidden = self.encoder(embeds, mask, num_hashes, cache, L0, output_hidden_states)
+        out, all_hidden, all_attentions = self.encoder(embeds, mask, num_hashes, cache, L0, output_hidden_states,
+                                                       output_attentions)
         if padded:
             out = out[:, :L0]
-        result = ReformerModelOutput(out, cache if use_cache else None, all_hidden, None)
+        result = ReformerModelOutput(out, cache if use_cache else None, all_hidden, all_attentions)
         return _returned(result, return_dict)
 
     def _pad(self, input_ids, inputs_embeds, attention_mask, position_ids, padding: int):
@@ -773,7 +786,8 @@ class ReformerModelWithLMHead(GenerationMixin, _WithLMHead, ReformerPreTrainedMo
             logits = self.lm_head(hidden)
             if labels is not None:
                 loss = _logits_loss(logits, targets, num_items_in_batch)
-        out = ReformerModelWithLMHeadOutput(loss, logits, base.past_buckets_states, base.hidden_states, None)
+        out = ReformerModelWithLMHeadOutput(loss, logits, base.past_buckets_states, base.hidden_states,
+                                            base.attentions)
         return _returned(out, return_dict)
 
     def generation_session(self, input_ids, attention_mask, num_copies=1, use_cuda_graph=None, num_hashes=None,
@@ -845,7 +859,7 @@ class ReformerForMaskedLM(_WithLMHead, ReformerPreTrainedModel):
             logits = self.lm_head(hidden)
             if labels is not None:
                 loss = _logits_loss(logits, labels)
-        return _returned(MaskedLMOutput(loss, logits, base.hidden_states, None), return_dict)
+        return _returned(MaskedLMOutput(loss, logits, base.hidden_states, base.attentions), return_dict)
 
 
 class ReformerClassificationHead(nn.Module):
@@ -883,7 +897,7 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
                              output_hidden_states, output_attentions, return_dict=True)
         logits = self.classifier(base.last_hidden_state)
         loss = None if labels is None else _classification_loss(self.config, logits, labels.to(logits.device))
-        return _returned(SequenceClassifierOutput(loss, logits, base.hidden_states, None), return_dict)
+        return _returned(SequenceClassifierOutput(loss, logits, base.hidden_states, base.attentions), return_dict)
 
 
 class ReformerForQuestionAnswering(ReformerPreTrainedModel):
@@ -909,7 +923,7 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = (_span_loss(start_logits, start_positions) + _span_loss(end_logits, end_positions)) / 2
-        out = QuestionAnsweringModelOutput(loss, start_logits, end_logits, base.hidden_states, None)
+        out = QuestionAnsweringModelOutput(loss, start_logits, end_logits, base.hidden_states, base.attentions)
         return _returned(out, return_dict)
 
 

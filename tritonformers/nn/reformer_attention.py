@@ -14,7 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..kernels.lsh_attention import KEY_NORM_EPS, SELF_MASK_VALUES, bucket_count, lsh_hash
+from .. import runtime
+from ..kernels.local_attention import local_attention_reference
+from ..kernels.lsh_attention import KEY_NORM_EPS, SELF_MASK_VALUES, bucket_count, lsh_attention_reference, lsh_hash, lsh_sort
 from . import functional as F
 
 
@@ -38,8 +40,9 @@ class LocalSelfAttention(nn.Module):
     forward(hidden_states [B, L, hidden], attention_mask=None [B, L] (1 = real token)) ->
     ``ReformerSelfAttentionOutput`` with hidden_states [B, L, heads * head_size]. As in HF only the keys are
     divided by sqrt(head_size); ``is_decoder`` makes it causal; L must be a multiple of the chunk length
-    when it exceeds it (the Reformer model pads). ``output_attentions`` is not offered: the point of the
-    kernel is never to form the probabilities. ``decode_step`` is HF's cached one-token step.
+    when it exceeds it (the Reformer model pads). ``output_attentions=True`` runs the PyTorch reference instead
+    (the kernel never forms the probabilities) and returns them in HF's layout; with the Triton backend forced
+    it is an error. ``decode_step`` is HF's cached one-token step.
     """
 
     def __init__(self, config, layer_idx: int | None = None):
@@ -62,9 +65,7 @@ class LocalSelfAttention(nn.Module):
         if past_buckets_states is not None:
             raise ValueError("past_buckets_states: cached decoding is served by the Reformer model "
                              "(tritonformers.models.reformer), not by this module on its own")
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported: the fused kernel never forms the "
-                             "attention probabilities (use transformers' module to inspect them)")
+        _check_output_attentions(output_attentions)
         L = hidden_states.shape[1]
         chunk = self.chunk_length if self.chunk_length is not None else L
         if self.chunk_length is None and (self.num_chunks_before or self.num_chunks_after):
@@ -73,10 +74,13 @@ class LocalSelfAttention(nn.Module):
         q = _split_heads(self.query(hidden_states), *heads)
         k = _split_heads(self.key(hidden_states), *heads) / math.sqrt(self.attention_head_size)
         v = _split_heads(self.value(hidden_states), *heads)
-        out = F.local_attention(q, k, v, chunk_length=chunk, num_chunks_before=self.num_chunks_before,
-                                num_chunks_after=self.num_chunks_after, causal=bool(self.is_decoder),
-                                key_padding_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0)
-        return ReformerSelfAttentionOutput(_merge_heads(out))
+        options = dict(chunk_length=chunk, num_chunks_before=self.num_chunks_before,
+                       num_chunks_after=self.num_chunks_after, causal=bool(self.is_decoder),
+                       key_padding_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0)
+        if output_attentions:
+            out, probs = local_attention_reference(q, k, v, **options, return_probs=True)
+            return ReformerSelfAttentionOutput(_merge_heads(out), probs)
+        return ReformerSelfAttentionOutput(_merge_heads(F.local_attention(q, k, v, **options)))
 
     def decode_step(self, hidden_states: torch.Tensor, past_states: torch.Tensor) -> torch.Tensor:
         """HF's cached one-token step: hidden_states [B, 1, hidden] (post-LayerNorm, as cached) attends to the
@@ -94,6 +98,14 @@ class LocalSelfAttention(nn.Module):
         dots = torch.matmul(q, k.transpose(-1, -2))
         probs = torch.exp(dots - torch.logsumexp(dots, dim=-1, keepdim=True))
         return _merge_heads(torch.matmul(probs, v))
+
+
+def _check_output_attentions(output_attentions) -> None:
+    """The probabilities exist only on the reference path (the kernels never form them): it runs for
+    ``output_attentions=True`` unless the Triton backend was demanded, which is an error, not a fallback."""
+    if output_attentions and runtime.get_backend() == "triton":
+        raise ValueError("output_attentions=True needs the PyTorch reference path (the fused kernels never form "
+                         "the attention probabilities); TRITONFORMERS_BACKEND / use_backend says 'triton'")
 
 
 def _key_norm(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +136,8 @@ class LSHSelfAttention(nn.Module):
     ``num_buckets=None`` the first chunked call picks it as HF does and writes it into the config too.
     ``dropout_seed`` (the reversible Reformer layers): hash first, then ``torch.manual_seed(dropout_seed)``
     before the attention draws its dropout, so a recomputation given the buckets draws the same masks (the
-    caller restores its RNG state). ``decode_step`` is HF's cached one-token step.
+    caller restores its RNG state). ``output_attentions`` as for LocalSelfAttention. ``decode_step`` is HF's
+    cached one-token step.
     """
 
     def __init__(self, config, layer_idx: int | None = None):
@@ -151,9 +164,7 @@ class LSHSelfAttention(nn.Module):
         if past_buckets_states is not None:
             raise ValueError("past_buckets_states: cached decoding is served by the Reformer model "
                              "(tritonformers.models.reformer), not by this module on its own")
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported: the fused kernel never forms the "
-                             "attention probabilities (use transformers' module to inspect them)")
+        _check_output_attentions(output_attentions)
         num_hashes = self.num_hashes if num_hashes is None else num_hashes
         L = hidden_states.shape[1]
         if L > self.chunk_length and self.num_buckets is None and buckets is None:
@@ -167,12 +178,30 @@ class LSHSelfAttention(nn.Module):
             if L > self.chunk_length and buckets is None:
                 buckets = self._hash(qk, num_hashes, attention_mask)
             torch.manual_seed(dropout_seed)
+        if output_attentions:
+            return self._attend_with_probs(qk, v, attention_mask, num_hashes, buckets)
         out, buckets = F.lsh_attention(
             qk, v, chunk_length=self.chunk_length, num_hashes=num_hashes, num_buckets=self.num_buckets,
             num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after,
             causal=bool(self.is_decoder), key_padding_mask=attention_mask, hash_seed=self.hash_seed,
             dropout_p=self.dropout if self.training else 0.0, buckets=buckets, return_buckets=True)
         return ReformerSelfAttentionOutput(_merge_heads(out), None, buckets)
+
+    def _attend_with_probs(self, qk, v, attention_mask, num_hashes, buckets) -> ReformerSelfAttentionOutput:
+        """The reference path, returning HF's probabilities too (sorted layout; [B, H, L, L] unchunked)."""
+        B, H, L, _ = qk.shape
+        options = dict(chunk_length=self.chunk_length, num_hashes=num_hashes, num_chunks_before=self.num_chunks_before,
+                       num_chunks_after=self.num_chunks_after)
+        if L <= self.chunk_length:  # HF: the whole sequence, no hashing
+            options = dict(chunk_length=L, num_hashes=1, num_chunks_before=0, num_chunks_after=0)
+            buckets, perm = None, torch.arange(L, device=qk.device).expand(B, H, L)
+        else:
+            buckets = self._hash(qk, num_hashes, attention_mask) if buckets is None else buckets
+            perm = lsh_sort(buckets)
+        out, probs = lsh_attention_reference(qk, v, perm, **options, causal=bool(self.is_decoder),
+                                             key_padding_mask=attention_mask,
+                                             dropout_p=self.dropout if self.training else 0.0, return_probs=True)
+        return ReformerSelfAttentionOutput(_merge_heads(out), probs, buckets)
 
     def _hash(self, qk: torch.Tensor, num_hashes: int, attention_mask=None) -> torch.Tensor:
         if self.num_buckets is None:
