@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import runtime
 from ..kernels.local_attention import local_attention_reference
-from ..kernels.lsh_attention import KEY_NORM_EPS, SELF_MASK_VALUES, bucket_count, lsh_attention_reference, lsh_hash, lsh_sort
+from ..kernels.lsh_attention import (KEY_NORM_EPS, SELF_MASK_VALUES, bucket_count, lsh_attention_reference, lsh_hash,
+                                     lsh_sort)
 from . import functional as F
 
 
