@@ -80,8 +80,9 @@ def _check_config(config) -> None:
     layers = tuple(config.attn_layers)
     if not layers or any(kind not in ATTENTION_TYPES for kind in layers):
         raise ValueError(f"attn_layers must be a non-empty list of 'local' / 'lsh', got {list(layers)}")
-    if config.num_hidden_layers != len(layers):
-        raise ValueError(f"num_hidden_layers ({config.num_hidden_layers}) must equal len(attn_layers) ({len(layers)})")
+    if not isinstance(config.num_hidden_layers, int) or not 0 < config.num_hidden_layers <= len(layers):
+        raise ValueError(f"num_hidden_layers ({config.num_hidden_layers!r}) must be in [1, len(attn_layers) = "
+                         f"{len(layers)}] (HF builds the first num_hidden_layers of attn_layers)")
     for name in ("local_attn_chunk_length", "lsh_attn_chunk_length"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ValueError(f"{name} must be a positive int, got {getattr(config, name)!r}")
@@ -599,7 +600,8 @@ class ReformerModel(ReformerPreTrainedModel):
     In evaluation, a length that is not a multiple of the chunk lengths' lcm (and exceeds the smallest chunk)
     is right-padded with ``pad_token_id`` and a zero mask, as HF does, and the output cut back; in training
     that is HF's ValueError. ``hidden_states`` (when asked) are the padded X2 stream before each layer and
-    after the last."""
+    after the last. No cache is built in training mode (HF builds one, whose stored states would undo the
+    reversible layers' memory saving): ``past_buckets_states`` is then None."""
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
