@@ -474,12 +474,13 @@ def test_bad_input_raises_clear_errors(tmp_path, lm):
 
 # ---------------------------------------------------------------------------------------------- Triton path
 
-def test_triton_path_forward_and_training_step_match_reference(tmp_path):
-    """The interpreter runs the local and LSH kernels inside the model: logits and gradients of a training
-    step equal the reference path (which equals HF above)."""
+def test_triton_path_forward_and_training_step_match_reference(tmp_path, device):
+    """The kernels (the interpreter on CPU) inside the model: the loss and gradients of a training step equal
+    the reference path (which equals HF above), and so do the ids of cached generation."""
     overrides = dict(CASES["decoder_mixed"][0], num_hashes=1)
     _, ours = train_pair(tmp_path, overrides, "ReformerModelWithLMHead")
-    ids, _ = inputs(24, batch=1)
+    ours.to(device)
+    ids = inputs(24, batch=1)[0].to(device)
     results = []
     for backend in ("torch", "triton"):
         ours.zero_grad()
