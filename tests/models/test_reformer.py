@@ -100,6 +100,14 @@ def test_forward_arguments_and_output_fields_match_hf():
             [f.name for f in dataclasses.fields(getattr(hfm, name))], name
 
 
+def test_activations_equal_transformers_bitwise():
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(1000) * 3
+    for name, fn in tr._ACTIVATIONS.items():
+        assert torch.equal(fn(x), ACT2FN[name](x)), name
+
+
 # ---------------------------------------------------------------------------------------------- parity
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -342,14 +342,29 @@ class ReformerFeedForwardOutput(nn.Module):
         return F.dropout(self.dense(hidden_states), p=self.dropout, training=self.training)
 
 
+_ACTIVATIONS = {  # HF's ACT2FN formulas for the common names (same ops, so the same rounding)
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "mish": F.mish, "relu6": F.relu6, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
 def _activation(act):
-    """HF's ACT2FN for a name (relu, gelu, gelu_new, silu, ...), or the callable itself."""
+    """HF's activation for a name (the common ones here; any other of transformers' ACT2FN when transformers
+    is installed), or the callable itself."""
     if callable(act):
         return act
-    from transformers.activations import ACT2FN  # lazily: only the activation table is borrowed
-
+    if act in _ACTIVATIONS:
+        return _ACTIVATIONS[act]
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:
+        ACT2FN = {}
     if act not in ACT2FN:
-        raise ValueError(f"hidden_act {act!r} is not one of transformers' activations {sorted(ACT2FN)}")
+        raise ValueError(f"hidden_act {act!r} is not a known activation ({sorted(_ACTIVATIONS)}, or transformers' "
+                         "ACT2FN when installed)")
     return ACT2FN[act]
 
 
