@@ -427,7 +427,7 @@ def _decode_split_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    n_keys = tl.load(LENS + b).to(tl.int32)
+    n_keys = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), NMAX)  # never past the cache
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -743,7 +743,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_
 
     q [B, H, Nq, D]; k_cache/v_cache [B, H, Nmax, D] whose first ``cache_lens[b]`` slots are valid and
     already hold the new tokens' keys/values (the new queries are the last Nq of them: causal bottom-right);
-    cache_lens [B] int32/int64 on the device, each >= Nq (not checked: that would synchronise).
+    cache_lens [B] int32/int64, each in [Nq, Nmax]: checked when on the host; on the device not read back
+    (that would synchronise each step) but clamped to [0, Nmax] in the kernel, so it never reads past the cache.
     key_padding_mask [B, Nmax] (1 = real token, HF's attention_mask padded to the capacity) masks pads and
     gives ALiBi its positions, as in :func:`attention`. Returns out [B, H, Nq, D] (or writes ``out``).
 
@@ -758,7 +759,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_
             return _decode_launch(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale, out)
     result = decode_attention_reference(q, k_cache, v_cache, cache_lens, alibi_slopes=alibi_slopes,
                                         key_padding_mask=key_padding_mask, scale=scale)
-    return result if out is None else out.copy_(result)
+    return runtime.write_out(out, "out", result)
 
 
 def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_padding_mask=None,
@@ -790,6 +791,7 @@ def _validate_decode(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_
         raise ValueError(f"k_cache and v_cache must both have shape [{B}, {H}, Nmax, {D}], got "
                          f"{list(k_cache.shape)} and {list(v_cache.shape)}")
     runtime.check_shape(cache_lens, "cache_lens", (B,))
+    runtime.check_cache_lens(cache_lens, "cache_lens", NQ, k_cache.shape[2])
     _validate_options(alibi_slopes, key_padding_mask, scale, H, (B, k_cache.shape[2]))
 
 
