@@ -474,9 +474,9 @@ def test_bad_input_raises_clear_errors(tmp_path, lm):
     with pytest.raises(ValueError, match="num_buckets"):
         tr.ReformerModel(tr.ReformerConfig(**{**BASE, "attn_layers": ["lsh"], "num_buckets": 3}))
     other = tmp_path / "bert"
-    transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=8).save_pretrained(other)
-    with pytest.raises(ValueError, match="'bert' checkpoint"):
+    transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=8, vocab_size=10)).save_pretrained(other)
+    with pytest.raises(ValueError, match="model_type 'bert'"):
         tr.ReformerModel.from_pretrained(other)
 
 

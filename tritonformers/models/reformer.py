@@ -1,6 +1,7 @@
 """Reformer (HF's ``modeling_reformer``): config, reversible encoder, axial positions, every head, cached generation.
 
-Facts follow specs/reformer.md (transformers 5.17-5.25). The pieces, bottom-up:
+What it reproduces is transformers' ``models/reformer/modeling_reformer.py`` (5.17 to 5.25). The pieces,
+bottom-up:
 
 * ``ReformerEmbeddings``: ``dropout(word_emb[ids]) + pos_emb(positions)``; axial positions are
   ``pos_emb[p] = concat(W0[p // S1], W1[p % S1])`` gathered directly (never the S0 x S1 table); in training
@@ -28,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from ..kernels.lsh_attention import bucket_count
 from ..nn import LayerNorm, LocalSelfAttention, LSHSelfAttention
 from ..nn.functional import fused_linear_cross_entropy
 from .generation import DecodeSession, GenerationConfig, GenerationMixin
-from .loading import ConfigBase, PreTrainedMixin, read_config
+from .loading import ConfigBase, PreTrainedMixin
 from .outputs import ModelOutput, QuestionAnsweringModelOutput
 from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
 from .outputs import keep_logits as _keep_logits, returned as _returned
@@ -568,21 +568,12 @@ class ReformerEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 class ReformerPreTrainedModel(PreTrainedMixin, nn.Module):
-    """Common base: config class, ``reformer.`` prefix, HF's initialisation, loading (model_type checked)."""
+    """Common base: config class, ``reformer.`` prefix, HF's initialisation, loading and saving."""
 
     config_class = ReformerConfig
     base_model_prefix = "reformer"
     # transformers < 5.25 has no bias in the LM decoder (it is zero-initialised when absent)
     _keys_to_ignore_on_load_missing = [r"lm_head\.decoder\.bias"]
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *args, **kwargs):
-        if kwargs.get("config") is None:
-            model_type = read_config(path).get("model_type")
-            if model_type != "reformer":
-                raise ValueError(f"{os.fspath(path)!r} holds a {model_type!r} checkpoint, not a Reformer "
-                                 "(config.json's model_type must be 'reformer')")
-        return super().from_pretrained(path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

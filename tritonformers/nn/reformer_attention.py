@@ -1,9 +1,9 @@
 """Reformer's self-attention modules, drop-in for HF's ``LocalSelfAttention`` and ``LSHSelfAttention``.
 
 They take ``config`` (tritonformers' ReformerConfig or transformers' own: any object with HF's field names),
-hold HF's parameters under HF's names (``query``/``key``/``value``, ``query_key``/``value``), so the HF module's state dict loads,
-and return HF's output structure: ``(hidden_states, attention_probs, buckets)`` with the merged-head output
-[B, L, num_heads * head_size] first (the output dense lives in the enclosing attention block, as in HF).
+hold HF's parameters under HF's names (``query``/``key``/``value``, ``query_key``/``value``), so the HF
+module's state dict loads, and return HF's output structure: ``(hidden_states, attention_probs, buckets)``
+with the merged-head output [B, L, num_heads * head_size] first (the output dense lives in the enclosing attention block, as in HF).
 """
 
 from __future__ import annotations
@@ -212,8 +212,9 @@ class LSHSelfAttention(nn.Module):
 
     def decode_step(self, hidden_states: torch.Tensor, past_states: torch.Tensor, past_buckets: torch.Tensor,
                     num_hashes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """HF's cached one-token step (specs/reformer.md §8). hidden_states [B, 1, hidden] and past_states
-        [B, Lp, hidden] are post-LayerNorm; past_buckets [B, heads, num_hashes, Lp] (offsets included) or empty.
+        """HF's cached one-token step (its forward given past_buckets_states). hidden_states [B, 1, hidden] and
+        past_states [B, Lp, hidden] are post-LayerNorm; past_buckets [B, heads, num_hashes, Lp] (offsets
+        included) or empty.
 
         Without cached buckets the token attends to all Lp + 1 states (itself SELF-masked); once Lp + 1 reaches
         the chunk length those are hashed and returned as the layer's buckets. With cached buckets the new

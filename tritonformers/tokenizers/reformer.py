@@ -1,7 +1,7 @@
 """Reformer's tokenizer (google/reformer-crime-and-punishment's ``spiece.model``), as transformers 5 builds it.
 
-transformers 5's ``ReformerTokenizer`` is a `tokenizers` pipeline, not the sentencepiece runtime
-(specs/reformer.md §12):
+transformers 5's ``ReformerTokenizer`` (``models/reformer/tokenization_reformer.py``) is a `tokenizers`
+pipeline, not the sentencepiece runtime:
 
 * model: BPE (``fuse_unk``, no byte fallback). From ``spiece.model`` the vocabulary is the pieces in id order
   and the merges are every split of a piece into two pieces of the vocabulary, ordered by the piece's id,
