@@ -234,6 +234,8 @@ GENERATORS = {
     "bloom": ("tritonformers.models.bloom", "BloomForCausalLM", "tritonformers.tokenizers.bloom", "BloomTokenizer"),
     "diffllama": ("tritonformers.models.diffllama", "DiffLlamaForCausalLM", "tritonformers.tokenizers.llama",
                   "LlamaTokenizer"),
+    "reformer": ("tritonformers.models.reformer", "ReformerModelWithLMHead", "tritonformers.tokenizers.reformer",
+                 "ReformerTokenizer"),
 }
 
 
@@ -252,7 +254,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = getattr(importlib.import_module(model_module), model_class).from_pretrained(
         args.model, dtype=args.dtype, device=device)
-    batch = tokenizer(args.prompt, padding=True, padding_side="left", return_tensors="pt")
+    # one prompt needs no padding (Reformer's tokenizer has no pad token, and its cache no padding mask)
+    batch = tokenizer(args.prompt, padding=len(args.prompt) > 1, padding_side="left", return_tensors="pt")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)

@@ -389,9 +389,12 @@ def look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
 
 
 def local_attention_reference(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_after=0, causal=False,
-                              key_padding_mask=None, dropout_p=0.0, scale=1.0, return_lse=False, dropout_mask=None):
+                              key_padding_mask=None, dropout_p=0.0, scale=1.0, return_lse=False, dropout_mask=None,
+                              return_probs=False):
     """HF's LocalSelfAttention core, op for op: chunk, look_adjacent, dots, finite MASK, exp(dots - lse),
-    dropout, P·V. ``dropout_mask`` [B, H, N, c, K] bool (keep) replaces the random draw (tests)."""
+    dropout, P·V. ``dropout_mask`` [B, H, N, c, K] bool (keep) replaces the random draw (tests).
+    ``return_probs`` returns ``(out, probs)`` instead: the probabilities after dropout in HF's layout
+    ([B, H, N, c, K], or [B, H, L, L] on the unchunked path), what HF's ``output_attentions`` gives."""
     B, H, L, D = q.shape
     if L <= chunk_length:
         chunk_length, num_chunks_before, num_chunks_after = L, 0, 0
@@ -420,6 +423,8 @@ def local_attention_reference(q, k, v, *, chunk_length, num_chunks_before=1, num
     elif dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, vc).reshape(B, H, L, D)
+    if return_probs:
+        return out, probs.view(B, H, L, L) if n == 1 and num_chunks_before == num_chunks_after == 0 else probs
     return (out, lse.reshape(B, H, L).float()) if return_lse else out
 
 

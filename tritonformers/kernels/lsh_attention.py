@@ -496,10 +496,13 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
 
 
 def lsh_attention_reference(qk, v, perm, *, chunk_length, num_hashes, num_chunks_before=1, num_chunks_after=0,
-                            causal=False, key_padding_mask=None, dropout_p=0.0, dropout_mask=None):
+                            causal=False, key_padding_mask=None, dropout_p=0.0, dropout_mask=None,
+                            return_probs=False):
     """HF's chunked LSH attention op for op, given the sort permutation ``perm`` [B, H, num_hashes * L]:
     gather, chunk, normalise keys, look_adjacent, dots, MASK then SELF, exp(dots - logsumexp), dropout, P·V,
-    unsort, combine rounds. ``dropout_mask`` [B, H, N, c, window] bool (keep) replaces the random draw."""
+    unsort, combine rounds. ``dropout_mask`` [B, H, N, c, window] bool (keep) replaces the random draw.
+    ``return_probs`` returns ``(out, probs)`` instead: the probabilities after dropout in HF's sorted layout
+    ([B, H, N, c, window], or [B, H, L, L] for one chunk of the whole sequence), HF's ``output_attentions``."""
     B, H, L, D = qk.shape
     T = perm.shape[-1]
     pos = perm % L
@@ -538,12 +541,14 @@ def lsh_attention_reference(qk, v, perm, *, chunk_length, num_hashes, num_chunks
     undo = torch.empty_like(perm).scatter_(-1, perm, torch.arange(T, device=perm.device).expand(B, H, T))
     out_r = torch.gather(out_sorted, 2, undo[..., None].expand(B, H, T, D))
     lse_r = torch.gather(lse_sorted, 2, undo)
-    if num_hashes == 1:
-        return out_r
-    out_r = out_r.view(B, H, num_hashes, L, D)
-    lse_r = lse_r.view(B, H, num_hashes, L, 1)
-    weights = torch.exp(lse_r - torch.logsumexp(lse_r, dim=2, keepdim=True))
-    return torch.sum(out_r * weights, dim=2)
+    if num_hashes > 1:
+        out_r = out_r.view(B, H, num_hashes, L, D)
+        lse_r = lse_r.view(B, H, num_hashes, L, 1)
+        weights = torch.exp(lse_r - torch.logsumexp(lse_r, dim=2, keepdim=True))
+        out_r = torch.sum(out_r * weights, dim=2)
+    if return_probs:
+        return out_r, probs.view(B, H, L, L) if n == 1 else probs
+    return out_r
 
 
 @triton.jit
