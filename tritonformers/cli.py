@@ -140,7 +140,13 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-SUBCOMMANDS = [_add_bench, _add_generate]
+def _add_train(subparsers) -> None:
+    from .training.cli import add_parser  # the flags live with the training package; argparse only, no torch
+
+    add_parser(subparsers)
+
+
+SUBCOMMANDS = [_add_bench, _add_generate, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
