@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result.eval_loss is not None:
+    if result.rank == 0 and result.eval_loss is not None:
         print(f"step {result.step}: loss {result.loss:.4f}, eval loss {result.eval_loss:.4f} "
               f"(perplexity {result.eval_ppl:.2f}); model written to {result.out}", file=sys.stderr)
     return 0

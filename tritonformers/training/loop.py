@@ -45,6 +45,7 @@ class TrainResult:
     eval_loss: float | None
     eval_ppl: float | None
     out: str
+    rank: int = 0
 
 
 def train(**options) -> TrainResult:
@@ -346,7 +347,7 @@ class _Run:
             self.tokenizer.save_pretrained(self.out)
         self.metrics.plot(self.out)
         ctx.barrier()
-        return TrainResult(self.step, loss, eval_loss, eval_ppl, str(self.out))
+        return TrainResult(self.step, loss, eval_loss, eval_ppl, str(self.out), ctx.rank)
 
 
 __all__ = ["train", "TrainResult", "lr_factor", "METRICS_FILE"]
