@@ -69,6 +69,15 @@ def _hf_checkpoint(directory, config_cls, model_cls, **fields):
     return str(directory)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is faster than two fighting other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("training")
@@ -83,7 +92,7 @@ def corpus(work):
 def bloom_dir(work):
     d = write_bloom_tokenizer(work / "bloom")
     return _hf_checkpoint(d, transformers.BloomConfig, transformers.BloomForCausalLM, vocab_size=400, hidden_size=32,
-                          n_layer=1, n_head=2, hidden_dropout=0.1)
+                          n_layer=1, n_head=2)  # no dropout: the distributed runs compare losses
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +128,23 @@ def _curve(out):
 # Convergence, and the final directory as an HF checkpoint
 # ----------------------------------------------------------------------------------------------------------
 
-CONVERGENCE = {  # family: (checkpoint fixture, extra options, HF class of the output)
-    "bloom": ("bloom_dir", {}, "BloomForCausalLM"),
-    "diffllama": ("diffllama_dir", {}, "DiffLlamaForCausalLM"),
-    "ibert": ("ibert_dir", {"quant_mode": False}, "IBertForMaskedLM"),
-    "ibert_qat": ("ibert_dir", {"quant_mode": True, "max_steps": 100}, "IBertForMaskedLM"),
+# family: (checkpoint fixture, extra options, HF class of the output, bound on final eval loss / first loss).
+# From ~ln(vocab) = 6.0 nats, the causal LMs reach ~1.6-2.1 in 150 steps; a masked LM learns from the 15% of
+# tokens it masks only, and reaches ~3.8 (perplexity 400 -> 45) in 150 steps, ~3.85 in 60 QAT steps.
+CONVERGENCE = {
+    "bloom": ("bloom_dir", {}, "BloomForCausalLM", 0.5),
+    "diffllama": ("diffllama_dir", {}, "DiffLlamaForCausalLM", 0.5),
+    "ibert": ("ibert_dir", {"quant_mode": False}, "IBertForMaskedLM", 0.7),
+    "ibert_qat": ("ibert_dir", {"quant_mode": True, "max_steps": 60, "eval_every": 30}, "IBertForMaskedLM", 0.7),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CONVERGENCE))
 def test_training_converges_and_writes_an_hf_checkpoint(name, request, corpus, work):
-    fixture, extra, hf_class = CONVERGENCE[name]
+    fixture, extra, hf_class, bound = CONVERGENCE[name]
     model_dir = request.getfixturevalue(fixture)
     out = str(work / f"converge-{name}")
-    options = dict(model=model_dir, data=corpus, out=out, max_steps=200, batch_size=8, seq_len=32, lr=3e-3,
+    options = dict(model=model_dir, data=corpus, out=out, max_steps=150, batch_size=8, seq_len=32, lr=3e-3,
                    warmup_steps=10, eval_every=50, progress=False, seed=1)
     options.update(extra)
     with runtime.use_backend("torch"):
@@ -140,13 +152,13 @@ def test_training_converges_and_writes_an_hf_checkpoint(name, request, corpus, w
     losses, evals = _records(out), _records(out, "eval_loss")
     assert [r["step"] for r in losses] == list(range(1, options["max_steps"] + 1))
     assert all(set(r) >= {"step", "loss", "lr", "tokens_per_s"} and r["tokens_per_s"] > 0 for r in losses)
-    assert [r["step"] for r in evals] == list(range(50, options["max_steps"] + 1, 50))
+    assert [r["step"] for r in evals] == list(range(options["eval_every"], options["max_steps"] + 1, options["eval_every"]))
     assert all(math.isclose(r["eval_ppl"], math.exp(r["eval_loss"])) for r in evals)
     start = losses[0]["loss"]
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         vocab = json.load(f)["vocab_size"]
     assert start > 0.8 * math.log(vocab)  # near ln(vocab): an untrained model
-    assert result.eval_loss == evals[-1]["eval_loss"] < 0.5 * start, (start, evals)
+    assert result.eval_loss == evals[-1]["eval_loss"] < bound * start, (start, evals)
     # the output is a plain HF directory: ours and transformers' classes load it and agree
     ours_cls = FAMILIES[name.removesuffix("_qat")].model_cls()
     ours = ours_cls.from_pretrained(out)
@@ -230,13 +242,13 @@ def test_distributed_matches_one_process(mode, bloom_dir, corpus, work):
         train(**common, batch_size=4, out=single)
     out = str(work / mode)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "progress"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "tritonformers", "train", *flags, "--batch-size=2", f"--out={out}", "--no-progress", "--save-every=3"]
     if mode == "fsdp":
         cmd.append("--fsdp")
     env = {**os.environ, "TRITONFORMERS_BACKEND": "torch", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ours, ref = _curve(out), _curve(single)
     assert [r["step"] for r in ours] == [r["step"] for r in ref]
