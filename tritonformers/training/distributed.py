@@ -75,25 +75,32 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, ctx: Distributed, fsdp: bool) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ctx: Distributed, fsdp: bool, *, unused_parameters: bool = False,
+         layer_methods: tuple[str, ...] = ()) -> torch.nn.Module:
     """DDP over the ranks, or FSDP2 (``fully_shard``) of each layer of the model's layer list and then the root
-    (embeddings, final norm and a tied LM head stay together in the root group). Alone: the model itself."""
+    (embeddings, final norm and a tied LM head stay together in the root group). Alone: the model itself.
+
+    ``unused_parameters``: DDP looks for parameters without a gradient each step. ``layer_methods``: methods
+    besides ``forward`` that run a layer, registered so FSDP2 gathers the layer's parameters around them too.
+    """
+    if not ctx.enabled:
+        return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        if not ctx.enabled:
-            return model
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         layers = _layer_lists(model)
         if not layers:
             raise ValueError(f"fsdp: found no layer list (nn.ModuleList) in {type(model).__name__} to shard")
         for layer_list in layers:
             for layer in layer_list:
                 fully_shard(layer)
+                for method in layer_methods:
+                    if hasattr(layer, method):
+                        register_fsdp_forward_method(layer, method)
         fully_shard(model)
         return model
-    if not ctx.enabled:
-        return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   find_unused_parameters=unused_parameters)
 
 
 def _layer_lists(model: torch.nn.Module) -> list[torch.nn.ModuleList]:

@@ -43,7 +43,10 @@ class Family:
     longest sequence the model serves (None: no limit, as BLOOM's ALiBi). ``check_seq_len(config, n)`` raises
     ValueError for a length the architecture cannot take (Reformer's chunking). ``prepare(model, options)``
     applies the family's own options before training (I-BERT's quantisation-aware mode) and may raise
-    ValueError for a combination it cannot train.
+    ValueError for a combination it cannot train. ``unused_parameters``: some parameters get no gradient in
+    some mode (I-BERT's quant mode), so DDP must look for them each step. ``layer_methods``: methods other than
+    ``forward`` through which the model runs a layer (I-BERT's ``float_forward``), which FSDP2 must hook to
+    gather the layer's parameters.
     """
 
     model_type: str
@@ -55,6 +58,8 @@ class Family:
     byte_offset: int = 0
     check_seq_len: Callable[[Any, int], None] | None = None
     prepare: Callable[[Any, Any], None] | None = None
+    unused_parameters: bool = False
+    layer_methods: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -128,6 +133,7 @@ register_family(Family(
     tokenizer_class="tritonformers.tokenizers.roberta:RobertaTokenizer",
     # RoBERTa positions start after the padding index: pad + 1 .. max_position_embeddings - 1
     max_positions=lambda config: config.max_position_embeddings - config.pad_token_id - 1,
-    gradient_checkpointing=False, prepare=_ibert_prepare))
+    gradient_checkpointing=False, prepare=_ibert_prepare, unused_parameters=True,
+    layer_methods=("float_forward", "int_forward")))
 
 __all__ = ["TASKS", "IMPLEMENTED_TASKS", "Family", "FAMILIES", "PENDING", "register_family", "family_for"]

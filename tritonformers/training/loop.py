@@ -233,7 +233,8 @@ class _Run:
         if opts.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        return wrap(model, self.ctx, opts.fsdp)
+        return wrap(model, self.ctx, opts.fsdp, unused_parameters=self.family.unused_parameters,
+                    layer_methods=self.family.layer_methods)
 
     def _make_optimizer(self) -> None:
         opts = self.opts
