@@ -77,17 +77,10 @@ def train(**options) -> TrainResult:
 def _model_source(path: str) -> tuple[dict, str | None]:
     """(config dict, checkpoint directory or None for random weights) of ``--model``."""
     if os.path.isfile(path):
-        if not path.endswith(".json"):
-            raise ValueError(f"model {path!r} is a file but not a config.json; pass a checkpoint directory or a "
-                             "config.json")
-        with open(path, encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"model {path!r} is not valid JSON: {e}") from e
-        if not isinstance(config, dict):
-            raise ValueError(f"model {path!r} does not hold a JSON object")
-        return config, None
+        if os.path.basename(path) != "config.json":
+            raise ValueError(f"model {path!r} is a file but not a config.json; pass a checkpoint directory, or a "
+                             "file named config.json to start from random weights")
+        return read_config(os.path.dirname(path) or "."), None
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} does not exist (a checkpoint directory or a config.json)")
     config = read_config(path)
@@ -102,6 +95,55 @@ def lr_factor(index: int, warmup: int, total: int, min_ratio: float) -> float:
         return (index + 1) / warmup
     progress = min(1.0, (index - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainStep:
+    """The loop's optimizer step, for any model whose ``forward(input_ids, labels, ...)`` returns ``.loss``: AdamW
+    (fused on CUDA; weight decay on matrices only) with the warmup + cosine schedule, autocast to ``dtype``
+    (float16 with a gradient scaler), token-weighted loss over micro-batches and ranks (module docstring),
+    gradient clipping. The benchmarks time it around our models and transformers' alike.
+
+    ``step(batches, terms)`` runs one step over this rank's micro-batches (dicts of CPU tensors) whose loss terms
+    are ``terms``; returns (global mean loss, gradient norm before clipping or None).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, dtype: torch.dtype, device: torch.device,
+                 weight_decay: float = 0.1, warmup_steps: int = 0, max_steps: int = 1000, min_lr_ratio: float = 0.1,
+                 max_grad_norm: float | None = 1.0, ctx: Distributed | None = None):
+        self.model, self.dtype, self.device, self.max_grad_norm = model, dtype, device, max_grad_norm
+        self.ctx = ctx or Distributed(0, 1, device, False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: lr_factor(i, warmup_steps, max_steps, min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def __call__(self, batches: list[dict], terms: list[int]) -> tuple[float, float | None]:
+        world = self.ctx.world
+        total = max(1.0, float(self.ctx.sum([sum(terms)])[0]))
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m, (batch, n) in enumerate(zip(batches, terms)):
+            with gradient_sync(self.model, m == len(batches) - 1):
+                with self.autocast():
+                    loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss.float() * n
+                self.scaler.scale(loss * (world / total)).backward()
+            loss_sum += loss.detach().double().cpu()
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(self.ctx.sum([loss_sum])[0]) / total, grad_norm
 
 
 class _Metrics:
@@ -185,12 +227,15 @@ class _Run:
                               vocab_size=self.config.vocab_size, probability=opts.mlm_probability)
         self.corpus = self._corpus(tokenizer_dir)
         self.model = self._build_model(model_cls, weights)
-        self._make_optimizer()
+        self.trainer = TrainStep(self.model, lr=opts.lr, dtype=getattr(torch, opts.dtype), device=ctx.device,
+                                 weight_decay=opts.weight_decay, warmup_steps=opts.warmup_steps,
+                                 max_steps=opts.max_steps, min_lr_ratio=opts.min_lr_ratio,
+                                 max_grad_norm=opts.max_grad_norm, ctx=ctx)
         self.step, self.position = 0, 0
         if self.resume is not None:
             state = ckpt.load_training_state(self.resume)
-            ckpt.restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                         scaler=self.scaler, ctx=ctx)
+            ckpt.restore(state, model=self.model, optimizer=self.trainer.optimizer, scheduler=self.trainer.scheduler,
+                         scaler=self.trainer.scaler, ctx=ctx)
             self.step, self.position = state["step"], state["position"]
         self.out = Path(opts.out)
         if ctx.is_main:
@@ -236,22 +281,7 @@ class _Run:
         return wrap(model, self.ctx, opts.fsdp, unused_parameters=self.family.unused_parameters,
                     layer_methods=self.family.layer_methods)
 
-    def _make_optimizer(self) -> None:
-        opts = self.opts
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opts.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        fused = {"fused": True} if self.ctx.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95), **fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: lr_factor(i, opts.warmup_steps, opts.max_steps, opts.min_lr_ratio))
-        self.dtype = getattr(torch, opts.dtype)
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.dtype == torch.float16)
-
     # -- the loop -----------------------------------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.ctx.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
     def _micro_batches(self) -> list[dict]:
         b, w = self.opts.batch_size, self.ctx.world
         batches = []
@@ -261,28 +291,11 @@ class _Run:
         return batches
 
     def _train_step(self) -> tuple[float, float | None]:
-        """One optimizer step; returns (global mean loss, gradient norm before clipping)."""
+        """One optimizer step on the next global batch; returns (global mean loss, gradient norm)."""
         batches = self._micro_batches()
-        terms = [self.task.targets(batch["labels"]) for batch in batches]
-        total = max(1.0, float(self.ctx.sum([sum(terms)])[0]))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for m, (batch, n) in enumerate(zip(batches, terms)):
-            with gradient_sync(self.model, m == len(batches) - 1):
-                with self._autocast():
-                    loss = self.model(**{k: v.to(self.ctx.device) for k, v in batch.items()}).loss.float() * n
-                self.scaler.scale(loss * (self.ctx.world / total)).backward()
-            loss_sum += loss.detach().double().cpu()
-        grad_norm = None
-        if self.opts.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        result = self.trainer(batches, [self.task.targets(batch["labels"]) for batch in batches])
         self.position += self.opts.grad_accum * self.opts.batch_size * self.ctx.world
-        return float(self.ctx.sum([loss_sum])[0]) / total, grad_norm
+        return result
 
     def _evaluate(self) -> float:
         """Held-out loss, token-weighted over all ranks. Every rank runs the same number of forwards (padding
@@ -296,7 +309,7 @@ class _Run:
         model = self.model if is_fsdp(self.model) else unwrapped(self.model)
         model.eval()
         loss_sum, terms = 0.0, 0.0
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.trainer.autocast():
             for batch, weight in batches:
                 n = self.task.targets(batch["labels"]) * weight
                 loss = model(**{k: v.to(ctx.device) for k, v in batch.items()}).loss
@@ -308,9 +321,9 @@ class _Run:
         return loss_sum / max(terms, 1.0)
 
     def _save_checkpoint(self) -> None:
-        ckpt.save_checkpoint(self.out / f"checkpoint-{self.step}", model=self.model, optimizer=self.optimizer,
-                             scheduler=self.scheduler, scaler=self.scaler, tokenizer=self.tokenizer, step=self.step,
-                             position=self.position, ctx=self.ctx,
+        ckpt.save_checkpoint(self.out / f"checkpoint-{self.step}", model=self.model, optimizer=self.trainer.optimizer,
+                             scheduler=self.trainer.scheduler, scaler=self.trainer.scaler, tokenizer=self.tokenizer,
+                             step=self.step, position=self.position, ctx=self.ctx,
                              extra={"seq_len": self.seq_len, "batch_size": self.opts.batch_size,
                                     "grad_accum": self.opts.grad_accum, "seed": self.opts.seed})
 
@@ -322,7 +335,7 @@ class _Run:
         try:
             while self.step < opts.max_steps:
                 start = time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self.trainer.scheduler.get_last_lr()[0]
                 loss, grad_norm = self._train_step()
                 self.step += 1
                 rate = tokens_per_step / max(time.perf_counter() - start, 1e-9)
@@ -351,4 +364,4 @@ class _Run:
         return TrainResult(self.step, loss, eval_loss, eval_ppl, str(self.out), ctx.rank)
 
 
-__all__ = ["train", "TrainResult", "lr_factor", "METRICS_FILE"]
+__all__ = ["train", "TrainResult", "TrainStep", "lr_factor", "METRICS_FILE"]
