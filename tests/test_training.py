@@ -352,6 +352,9 @@ def test_masking_follows_roberta(ibert_dir):
     kept = (ids == labels) & chosen
     assert 0.75 < masked.sum() / chosen.sum() < 0.85 and 0.06 < kept.sum() / chosen.sum() < 0.14
     assert not (ids == tok.mask_token_id)[~chosen].any()
+    short = MaskedLMTask(seq_len=4, tokenizer=tok, vocab_size=len(tok), probability=0.01)
+    for seed in range(20):  # mostly nothing drawn at 1%: one token is chosen anyway
+        assert (short.example(window[:2], sample_seed=seed)[1] != -100).sum() >= 1
 
 
 def test_lr_schedule():

@@ -252,7 +252,8 @@ class CausalLMTask:
 
 class MaskedLMTask:
     """``masked_lm``: ``<s> window </s>``, RoBERTa masking (``probability`` of the ordinary tokens: 80% become
-    ``<mask>``, 10% a random id, 10% stay), labels -100 where nothing was chosen."""
+    ``<mask>``, 10% a random id, 10% stay), labels -100 where nothing was chosen. Unlike HF's collator, at least
+    one token of every sequence is chosen, so no micro-batch has a NaN (0/0) mean loss to back-propagate."""
 
     def __init__(self, seq_len: int, tokenizer, vocab_size: int, probability: float = 0.15, **_):
         if seq_len < 3:
@@ -269,6 +270,10 @@ class MaskedLMTask:
         g = torch.Generator().manual_seed(sample_seed)
         chance = torch.full(ids.shape, self.probability).masked_fill(torch.isin(ids, self.special), 0.0)
         chosen = torch.bernoulli(chance, generator=g).bool()
+        if not chosen.any():  # HF's collator may choose none; a sequence without loss terms has a 0/0 mean loss
+            candidates = chance.nonzero().flatten()
+            if len(candidates):
+                chosen[candidates[torch.randint(len(candidates), (1,), generator=g)]] = True
         labels = ids.masked_fill(~chosen, -100)
         replaced = torch.bernoulli(torch.full(ids.shape, 0.8), generator=g).bool() & chosen
         randomised = torch.bernoulli(torch.full(ids.shape, 0.5), generator=g).bool() & chosen & ~replaced

@@ -185,7 +185,6 @@ class _Metrics:
         fig, ax = plt.subplots(figsize=(6, 4))
         steps, losses = zip(*self.losses)
         ax.plot(steps, losses, label="train loss")
-        evals = []
         with open(self.path, encoding="utf-8") as f:
             evals = [json.loads(line) for line in f if '"eval_loss"' in line]
         if evals:
