@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for the device machine (torch 2.11, triton 3.6, transformers 5.17 preinstalled, no internet).
 #
-#   bench/gpu_check.sh [tests | kernels PATTERN... | bench | all]      (default: all = tests, then bench)
+#   bench/gpu_check.sh [quick | tests | kernels PATTERN... | bench | scaling | all]   (default: all)
 #
+#   quick    one device call (< 8 min): the CUDA smoke test (tests/test_cuda_smoke.py: every kernel once in
+#            bf16 and fp16, every model once; < 3 min) and the headline benchmark cases with their peers
+#            (QUICK_CASES), --quick timing                     -> $OUT/smoke.log, quick.log + results
 #   tests    the whole test suite on CUDA, slow tests included (-x), junit xml   -> $OUT/tests.log, tests.xml
 #   kernels  `tritonformers bench --filter PATTERN...` (one family, say norm_bandwidth or attention)
 #                                                                               -> $OUT/kernels.log + results
@@ -25,6 +28,9 @@ OUT="${OUT:-/tmp/out}"
 PY="${PYTHON:-python3}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-540}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-540}"
+SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-200}"
+QUICK_CASES="${QUICK_CASES:-alibi_causal alibi_decode local_attention_64k lsh_attention_64k_2h diff_attention_4k \
+norm_bandwidth fused_linear_ce int8_gemm_8192 ibert_base_b8_n128 bloom560m_greedy_b8}"
 mkdir -p "$OUT"
 
 part="${1:-all}"
@@ -56,9 +62,19 @@ run_bench() {  # run_bench LOGNAME [bench args...]
         2>&1 | tee "$OUT/$log.log"
 }
 
+run_smoke() {
+    echo "== CUDA smoke tests (timeout ${SMOKE_TIMEOUT}s)"
+    timeout -s INT -k 30 "$SMOKE_TIMEOUT" "$PY" -m pytest tests/test_cuda_smoke.py -q -ra --durations=8 \
+        2>&1 | tee "$OUT/smoke.log"
+}
+
 env_log
 status=0
 case "$part" in
+    quick)
+        run_smoke || status=$?
+        # shellcheck disable=SC2086
+        run_bench quick --quick --filter $QUICK_CASES || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
     tests)
         run_tests || status=$? ;;
     kernels)
@@ -77,7 +93,7 @@ case "$part" in
         run_tests || status=$?
         run_bench bench || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
     *)
-        echo "usage: $0 [tests | kernels PATTERN... | bench | scaling | all]" >&2
+        echo "usage: $0 [quick | tests | kernels PATTERN... | bench | scaling | all]" >&2
         exit 2 ;;
 esac
 echo "== done: exit status $status; files in $OUT:"

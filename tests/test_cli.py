@@ -84,9 +84,10 @@ def test_help_via_python_m():
     assert "usage: tritonformers" in proc.stdout and "bench" in proc.stdout
 
 
-def test_no_subcommand_prints_help(capsys):
+def test_no_subcommand_says_a_command_is_needed(capsys):
     assert main([]) == 2
-    assert "usage: tritonformers" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("error: a command is needed, one of: bench, generate") and err.count("\n") == 1
 
 
 def test_bench_list_shows_every_case(capsys):
@@ -177,3 +178,146 @@ def test_bench_cuda_run(tmp_path, capsys):
     ours = next(r for r in data["results"] if r["impl"] == "tritonformers")
     assert ours["backend"] == "triton" and ours["matches_baseline"] is True
     assert rc == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# User errors: one line `error: ...` on stderr, exit status 2, the traceback only with --debug
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bloom_checkpoint(tmp_path_factory):
+    """A tiny random BLOOM saved by transformers, with a BLOOM-style tokenizer beside it."""
+    transformers = pytest.importorskip("transformers")
+    from tests.tokenizers.test_bloom_tokenizer import write_bloom_tokenizer
+
+    path = tmp_path_factory.mktemp("bloom-cli")
+    write_bloom_tokenizer(path, padding_side="left")
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=400, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.15,
+                                      pad_token_id=3)
+    transformers.BloomForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _generate_argv(path, *extra) -> list[str]:
+    return ["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "3", "--device", "cpu", *extra]
+
+
+def _assert_one_line_error(err: str, *fragments: str) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--max-new-tokens", "0", "must be a positive integer, got 0"),
+    ("--num-beams", "-1", "must be a positive integer, got -1"),
+    ("--top-p", "1.5", "must be a number in [0, 1], got 1.5"),
+    ("--temperature", "0", "must be a positive number, got 0"),
+    ("--top-k", "x", "must be an integer, got 'x'"),
+    ("--device", "gpu0", "is not a device"),
+])
+def test_generate_bad_option_values(bloom_checkpoint, capsys, option, value, fragment):
+    with pytest.raises(SystemExit) as exc:
+        main(_generate_argv(bloom_checkpoint, option, value))
+    assert exc.value.code == 2
+    _assert_one_line_error(capsys.readouterr().err, f"argument {option}: ", fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_cuda_without_cuda(bloom_checkpoint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_generate_argv(bloom_checkpoint, "--device", "cuda"))
+    assert exc.value.code == 2
+    _assert_one_line_error(capsys.readouterr().err, "argument --device: ", "CUDA is not available", "--device cpu")
+
+
+def test_generate_model_path_errors(bloom_checkpoint, tmp_path, capsys):
+    for path, fragment in ((bloom_checkpoint / "config.json", "is a file"), (tmp_path / "nope", "no such directory"),
+                           (tmp_path, "no config.json")):
+        with pytest.raises(SystemExit) as exc:
+            main(_generate_argv(path))
+        assert exc.value.code == 2
+        _assert_one_line_error(capsys.readouterr().err, "argument --model: ", str(path), fragment)
+
+
+def test_generate_checkpoint_errors_are_one_line(bloom_checkpoint, tmp_path, capsys):
+    """Missing weights, no tokenizer file, an unsupported model type: `error: ...` naming the file, status 2."""
+    import shutil
+
+    no_weights = shutil.copytree(bloom_checkpoint, tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    no_tokenizer = shutil.copytree(bloom_checkpoint, tmp_path / "no_tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    other = tmp_path / "ibert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "ibert"}))
+    for path, fragments in ((no_weights, ("no weights in", str(no_weights), "model.safetensors")),
+                            (no_tokenizer, ("needs tokenizer.json", str(no_tokenizer))),
+                            (other, ("generate supports model types ['bloom', 'diffllama']", "'ibert'"))):
+        assert main(_generate_argv(path)) == 2
+        _assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert main(_generate_argv(bloom_checkpoint, "--top-p", "0.9", "--temperature", "0.7")) == 2
+    _assert_one_line_error(capsys.readouterr().err, "--temperature, --top-p only apply when sampling: add --do-sample")
+    # --debug, before or after the command name: the exception itself, with its traceback
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        main(_generate_argv(no_weights, "--debug"))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        main(["--debug", *_generate_argv(no_tokenizer)])
+
+
+def test_internal_errors_are_one_line_too(capsys, monkeypatch):
+    from tritonformers import cli
+
+    def broken(args):
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(cli, "_cmd_bench", broken)
+    assert main(["bench", "--list"]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "internal error, RuntimeError: something went wrong", "--debug")
+    with pytest.raises(RuntimeError, match="went wrong"):
+        main(["bench", "--list", "--debug"])
+
+
+def test_user_error_through_the_console_entry_point(tmp_path):
+    """`python -m tritonformers` as a user runs it: exactly one line on stderr, exit status 2."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
+    proc = subprocess.run([sys.executable, "-m", "tritonformers", "generate", "--model", str(tmp_path),
+                           "--prompt", "x", "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    _assert_one_line_error(proc.stderr, "BloomTokenizer needs tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generate --format jsonl
+# ----------------------------------------------------------------------------------------------------------
+
+def test_generate_jsonl_is_unambiguous(bloom_checkpoint, capsys):
+    """A prompt holding a newline spans two lines of text output; jsonl gives one object per prompt whose ids
+    are transformers' generate ids (padding removed, cut after the first eos)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(bloom_checkpoint)
+    hf = transformers.BloomForCausalLM.from_pretrained(bloom_checkpoint).eval()
+    prompts = ["Hello\nworld", "The quick brown fox"]
+    argv = ["generate", "--model", str(bloom_checkpoint), "--max-new-tokens", "4", "--device", "cpu"]
+    argv += [a for p in prompts for a in ("--prompt", p)]
+    with runtime.use_backend("torch"):
+        assert main(argv) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 3  # ambiguous: 2 prompts, 3 lines
+        assert main(argv + ["--format", "jsonl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(prompts)
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    want = hf.generate(**enc, max_new_tokens=4, do_sample=False)
+    P = enc["input_ids"].shape[1]
+    for line, prompt, row, mask in zip(lines, prompts, want.tolist(), enc["attention_mask"].tolist()):
+        record = json.loads(line)
+        assert record["prompt"] == prompt
+        assert record["prompt_ids"] == [t for t, m in zip(row[:P], mask) if m]
+        new = row[P:]
+        if hf.generation_config.eos_token_id in new:
+            new = new[:new.index(hf.generation_config.eos_token_id) + 1]
+        assert record["new_ids"] == new
+        assert record["new_text"] == tok.decode(new, skip_special_tokens=True)
+        assert record["text"] == tok.decode(record["prompt_ids"] + new, skip_special_tokens=True)
+        assert record["text"].startswith(prompt)

@@ -188,6 +188,14 @@ def check_out(out: torch.Tensor | None, name: str, like: torch.Tensor, shape=Non
     return out
 
 
+def write_out(out: torch.Tensor | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """The reference paths' ``out=``: ``value`` itself, or copied into ``out`` after the same checks the
+    Triton launchers make (shape, dtype, device, contiguity), so both backends accept and refuse alike."""
+    if out is None:
+        return value
+    return check_out(out, name, value).copy_(value)
+
+
 # ----------------------------------------------------------------------------------------------- launching
 
 def next_power_of_2(n: int) -> int:
@@ -197,6 +205,18 @@ def next_power_of_2(n: int) -> int:
 def autotune_configs(configs: list) -> list:
     """All configs on a real GPU; only the first under the interpreter (autotuning needs CUDA events)."""
     return list(configs) if torch.cuda.is_available() and not interpreter_enabled() else list(configs[:1])
+
+
+def check_cache_lens(cache_lens: torch.Tensor, name: str, num_queries: int, capacity: int) -> None:
+    """Each length must lie in [num_queries, capacity]. Checked when the lengths are on the host; device
+    lengths are not read back (that would synchronise every decode step and break CUDA-graph capture): the
+    decode kernels clamp them to [0, capacity] instead, so they never read past the cache."""
+    if cache_lens.device.type != "cpu" or cache_lens.numel() == 0:
+        return
+    lo, hi = int(cache_lens.min()), int(cache_lens.max())
+    if lo < num_queries or hi > capacity:
+        raise ValueError(f"{name} must lie in [{num_queries}, {capacity}] (the new queries .. the cache "
+                         f"capacity), got values from {lo} to {hi}")
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -209,5 +229,5 @@ __all__ = [
     "BACKENDS", "FLOAT_DTYPES", "get_backend", "use_backend", "interpreter_enabled", "on_gpu", "use_triton",
     "unsupported", "check_tensor", "check_shape", "check_same_device", "check_same_dtype", "check_out",
     "MASK_DTYPES", "check_padding_mask", "check_int", "check_probability",
-    "next_power_of_2", "autotune_configs", "as_rows",
+    "next_power_of_2", "autotune_configs", "as_rows", "check_cache_lens", "write_out",
 ]

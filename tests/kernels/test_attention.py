@@ -51,8 +51,11 @@ def _check(dtype, B=2, H=2, NQ=37, NK=37, D=32, alibi=False, causal=False, paddi
     ref_out, ref_lse, ref_grads = _run(attn.attention_reference, q, k, v, slopes, do, **kw)
     assert_close(out, ref_out, scale=4, msg="out")
     both_empty = torch.isneginf(lse) & torch.isneginf(ref_lse)
-    assert_close(torch.where(both_empty, 0, lse), torch.where(both_empty, 0, ref_lse), torch.float32,
-                 scale=20 if dtype != torch.float32 else 1, msg="lse")
+    # The reference rounds scores to the model dtype (HF's arithmetic), the kernel keeps them in float32: in
+    # half precision the two lse differ by up to |score| * eps(dtype) (bf16: ~3e-3 seen on CUDA), so the
+    # lse is held to the dtype's tolerance there and to float32's only for float32 inputs.
+    assert_close(torch.where(both_empty, 0, lse), torch.where(both_empty, 0, ref_lse),
+                 torch.float32 if dtype == torch.float32 else dtype, msg="lse")
     for name, g, rg in zip(("dq", "dk", "dv", "dslopes"), grads, ref_grads):
         # dslopes sums ds * position over every score: its error grows with the count, so compare relatively.
         tol_scale = 8 if name != "dslopes" else 8 * math.sqrt(NQ * NK)
@@ -127,17 +130,17 @@ def test_reference_matches_hf_bloom_scores_with_left_padding():
 
     B, H, N, D = 2, 4, 9, 16
     q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
-    mask = torch.ones(B, N, dtype=torch.long)
+    mask = torch.ones(B, N, dtype=torch.long, device=DEVICE)
     mask[1, :3] = 0
     alibi = build_alibi_tensor(mask, H, torch.float32).view(B, H, 1, N)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(D) + alibi
-    allowed = torch.tril(torch.ones(N, N, dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    allowed = torch.tril(torch.ones(N, N, dtype=torch.bool, device=DEVICE)) & mask.bool()[:, None, None, :]
     scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     hf = torch.softmax(scores, -1) @ v
-    ours = attn.attention_reference(q, k, v, causal=True, alibi_slopes=attn.alibi_slopes(H),
-                                    key_padding_mask=mask)
+    slopes = attn.alibi_slopes(H, device=DEVICE)
+    ours = attn.attention_reference(q, k, v, causal=True, alibi_slopes=slopes, key_padding_mask=mask)
     with runtime.use_backend("triton"):
-        fused = attn.attention(q, k, v, causal=True, alibi_slopes=attn.alibi_slopes(H), key_padding_mask=mask)
+        fused = attn.attention(q, k, v, causal=True, alibi_slopes=slopes, key_padding_mask=mask)
     valid = mask.bool()[:, None, :, None].expand_as(hf)
     torch.testing.assert_close(ours[valid], hf[valid], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(fused[valid], hf[valid], atol=1e-5, rtol=1e-4)

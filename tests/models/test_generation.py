@@ -184,6 +184,37 @@ def test_generate_rejects_bad_settings(models):
         ours.generate(ids.float(), max_new_tokens=2)
 
 
+def test_generate_names_bad_prompts(models):
+    """An empty prompt names input_ids; an id outside the vocabulary is named with the vocabulary size."""
+    _, ours, _ = models
+    ids, mask = batch(0)
+    with pytest.raises(ValueError, match=r"input_ids is empty \(shape \[3, 0\]\)"):
+        ours.generate(ids[:, :0], attention_mask=mask[:, :0], max_new_tokens=2)
+    for bad in (64, 1000, -1):
+        wrong = ids.clone()
+        wrong[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"input_ids holds token id {bad} \(row 1\).*\[0, 63\].*size 64"):
+            ours.generate(wrong, attention_mask=mask, max_new_tokens=2)
+
+
+def test_right_padded_prompts_warn(models):
+    """transformers' warning for right padding into a decoder-only model (the mask says which side)."""
+    _, ours, _ = models
+    ids, mask = batch(0)
+    right = torch.stack([torch.cat([r[m == 1], r[m == 0]]) for r, m in zip(ids, mask)])
+    right_mask = torch.stack([torch.cat([m[m == 1], m[m == 0]]) for m in mask])
+    with pytest.warns(UserWarning, match="right-padded.*padding_side='left'"):
+        ours_generate(ours, right, attention_mask=right_mask, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="right-padded"):  # the mask inferred from the pads
+        ours_generate(ours, right, max_new_tokens=2, pad_token_id=PAD)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours_generate(ours, ids, attention_mask=mask, max_new_tokens=2)
+    assert not [w for w in caught if "right-padded" in str(w.message)]
+
+
 def test_triton_greedy_matches_hf(models):
     hf, ours, _ = models
     ids, mask = batch(0, rows=2, length=6)
@@ -289,4 +320,6 @@ def test_cli_generate_matches_hf(tmp_path, capsys):
         out = hf.generate(**enc, max_new_tokens=5, do_sample=False, **hf_kwargs)
         want = tok.batch_decode(out, skip_special_tokens=True)
         assert capsys.readouterr().out == "".join(text + "\n" for text in want)
-    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse rejects the directory before anything loads
+        main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert exc.value.code == 2 and "argument --model: no such directory" in capsys.readouterr().err

@@ -610,3 +610,60 @@ def test_save_pretrained_fp16_and_errors(ck, tmp_path):
     with pytest.raises(NotADirectoryError):
         ours.save_pretrained(tmp_path / "f")
     assert Path(tmp_path / "f").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors that name their cause (issue 12)
+# ----------------------------------------------------------------------------------------------------------
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_file_is_named(ck, tmp_path, damage):
+    """A corrupt or truncated safetensors file, one shard of many, or pytorch_model.bin: the error names the file."""
+    import shutil
+
+    cases = []
+    for name, src, shard in (("single", ck.lm_dir, 0), ("last_shard", ck.sharded_dir, -1),
+                             ("first_shard", ck.sharded_dir, 0), ("bin", ck.bin_dir, 0)):
+        d = shutil.copytree(src, tmp_path / name)
+        bad = sorted(f for f in d.iterdir() if f.suffix in (".safetensors", ".bin"))[shard]
+        if damage == "truncated":
+            _truncate(bad)
+        else:
+            bad.write_bytes(b"not a weights file" * 8)
+        if name == "first_shard":  # no dtype in config.json: from_pretrained probes the first shard's header
+            raw = read_config(d)
+            del raw["dtype"]
+            write_config(raw, d)
+        cases.append((d, bad))
+    for d, bad in cases:
+        for load in (load_state_dict, TinyBloomForCausalLM.from_pretrained):
+            with pytest.raises(OSError) as e:
+                load(d)
+            assert str(bad) in str(e.value) and "corrupt or truncated" in str(e.value), str(e.value)
+
+
+def test_checkpoint_of_another_model_type_is_an_error(ck, tmp_path):
+    with pytest.raises(ValueError) as e:
+        TinyQuant.from_pretrained(ck.lm_dir)  # a BLOOM checkpoint into a "tinyquant" model
+    msg = str(e.value)
+    assert "'bloom'" in msg and "'tinyquant'" in msg and "config.json" in msg and "TinyQuant" in msg
+    from tritonformers.models.diffllama import DiffLlamaForCausalLM
+
+    with pytest.raises(ValueError, match=r"model_type 'bloom'.*DiffLlamaForCausalLM.*model_type 'diffllama'"):
+        DiffLlamaForCausalLM.from_pretrained(ck.lm_dir)
+    # the explicit override: a config given by the caller (transformers' warning, then it loads what fits)
+    with pytest.warns(UserWarning, match="model_type"):
+        cfg = QuantConfig.from_pretrained(ck.lm_dir)
+    with pytest.raises(ValueError, match="missing key"):  # now the keys decide, as they would in HF
+        TinyQuant.from_pretrained(ck.lm_dir, config=cfg)
+    # no model_type in config.json: nothing to check (older or hand-written configs)
+    raw = read_config(ck.lm_dir)
+    del raw["model_type"]
+    write_config(raw, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes((ck.lm_dir / "model.safetensors").read_bytes())
+    assert TinyBloomForCausalLM.from_pretrained(tmp_path).lm_head.weight.shape == (50, 16)

@@ -1,12 +1,13 @@
 """BloomTokenizer against transformers' AutoTokenizer (TokenizersBackend in transformers 5).
 
-A tiny byte-level BPE is trained on the fly with BLOOM's exact pipeline (specs/bloom.md §9: regex Split +
-ByteLevel without regex, ByteLevel post-processor and decoder, `<unk> <s> </s> <pad>` first) and saved as
-tokenizer.json + tokenizer_config.json naming `BloomTokenizerFast`, as the bigscience repositories do.
+A tiny byte-level BPE is trained on the fly with the pipeline of bigscience/bloom's tokenizer.json (regex
+Split + ByteLevel without regex, ByteLevel post-processor and decoder, `<unk> <s> </s> <pad>` first) and saved
+as tokenizer.json + tokenizer_config.json naming `BloomTokenizerFast`, as the bigscience repositories do.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -276,6 +277,21 @@ def test_bad_arguments(pair, tmp_path):
     unpadded = BloomTokenizer.from_pretrained(ours.name_or_path, pad_token=None)
     with pytest.raises(ValueError, match="pad_token"):
         unpadded(CORPUS, padding=True)
+
+
+def test_unreadable_files_are_named(bloom_dir, tmp_path):
+    """A file given as the directory, a tokenizer.json or tokenizer_config.json that does not parse: the error
+    names the path (the tokenizers library's own error names none)."""
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="file.txt.*tokenizer directory"):
+        BloomTokenizer.from_pretrained(file)
+    for name, content in (("tokenizer.json", "{not json"), ("tokenizer.json", '{"version": "1.0"}'),
+                          ("tokenizer_config.json", "{not json")):
+        broken = shutil.copytree(bloom_dir, tmp_path / f"broken-{name}-{len(content)}")
+        (broken / name).write_text(content)
+        with pytest.raises(ValueError, match=str(broken / name)):
+            BloomTokenizer.from_pretrained(broken)
 
 
 def test_package_does_not_import_transformers():

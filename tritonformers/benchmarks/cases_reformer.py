@@ -4,6 +4,8 @@
 B1 N65536 H8 D128, chunk 128 with one chunk before, fp16, encoder (the wrap-around is real). Each query
 sees 2c keys: 4·B·H·N·2c·D FLOPs forward, 2.5x that more backward. Baselines: FlexAttention with the
 equivalent block mask, and HF's LocalSelfAttention module (with its projections, as DESIGN's figure).
+All use the usual ``1/sqrt(D)`` score scale (HF folds it into the keys; the kernel takes it as ``scale``);
+the oracle is the PyTorch reference (HF's op-for-op core).
 """
 
 from __future__ import annotations
@@ -27,9 +29,19 @@ def _flops(shape) -> Count:
     return Count(fwd=fwd, fwd_bwd=3.5 * fwd)
 
 
+def _local(fn, i, chunk):
+    return fn(i["q"], i["k"], i["v"], chunk_length=chunk, num_chunks_before=1, num_chunks_after=0,
+              scale=i["q"].shape[-1] ** -0.5)
+
+
 def _ours(i, chunk):
     from tritonformers.kernels.local_attention import local_attention
-    return local_attention(i["q"], i["k"], i["v"], chunk_length=chunk, num_chunks_before=1, num_chunks_after=0)
+    return _local(local_attention, i, chunk)
+
+
+def _reference(i, chunk):
+    from tritonformers.kernels.local_attention import local_attention_reference
+    return _local(local_attention_reference, i, chunk)
 
 
 def _flex_prepare(chunk):
@@ -67,6 +79,8 @@ for _chunk in (128,):
         gpu_shape={"B": 1, "H": 8, "N": 65536, "D": 128, "C": _chunk}, cpu_shape={"B": 1, "H": 2, "N": 64, "D": 32, "C": 16},
         dtype=torch.float16,
         impls=[Impl(OURS, lambda i, c=_chunk: _ours(i, c)),
+               Impl("torch_eager", lambda i, c=_chunk: _reference(i, c),
+                    description="local_attention_reference: HF's chunked core op for op (the oracle)"),
                Impl("flex", lambda i: i["flex"](i["q"], i["k"], i["v"], block_mask=i["block_mask"]),
                     prepare=_flex_prepare(_chunk), cuda_only=True,
                     description="FlexAttention with the own+previous-chunk block mask (wrapping)"),

@@ -23,7 +23,6 @@ import triton.language as tl
 
 from .. import runtime
 
-LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # any head dim up to this; padded to a power of two >= 16 inside the kernel
 
 
@@ -32,18 +31,14 @@ MAX_HEAD_DIM = 256  # any head dim up to this; padded to a power of two >= 16 in
 @triton.jit
 def _scores(q, k, offs_m, offs_n, b, NQ, NK, MASK_STRIDE, slope, POS, KPM, qk_scale,
             CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
-            BIAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+            BIAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BOUNDS: tl.constexpr = True):
     """Masked scores of one [BLOCK_M, BLOCK_N] tile in log2 units (S * log2(e)); -inf where masked.
 
     Keys at or past NK are masked; POS/KPM rows are MASK_STRIDE apart (NK, or the cache capacity).
+    ``BOUNDS=False`` is for interior tiles (all keys < NK and, when causal, all visible to every row of
+    the tile): only the padding mask is applied there, so most tiles skip the index arithmetic.
     """
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-    valid = (offs_n < NK)[None, :] & (offs_m < NQ)[:, None]
-    if HAS_KPM:
-        key_ok = tl.load(KPM + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0)
-        valid = valid & (key_ok != 0)[None, :]
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
     if HAS_ALIBI:
         if HAS_POS:
             pos = tl.load(POS + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0).to(tl.float32)
@@ -52,7 +47,41 @@ def _scores(q, k, offs_m, offs_n, b, NQ, NK, MASK_STRIDE, slope, POS, KPM, qk_sc
         # slope * pos in float32, rounded to the model dtype (HF's alibi tensor), then in log2 units.
         bias = (slope * pos).to(BIAS_DTYPE).to(tl.float32) * 1.4426950408889634
         s = s + bias[None, :]
-    return tl.where(valid, s, float("-inf"))
+    if BOUNDS:
+        valid = (offs_n < NK)[None, :] & (offs_m < NQ)[:, None]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0)
+            valid = valid & (key_ok != 0)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+    elif HAS_KPM:
+        key_ok = tl.load(KPM + b * MASK_STRIDE + offs_n)
+        s = tl.where((key_ok != 0)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _interior_key_tiles_end(start_m, NQ, NK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """End of the key tiles [0, end) that are interior for the query rows [start_m, start_m + BLOCK_M): inside
+    NK and, when causal, visible to every one of those rows (key j visible to row i iff j <= i + NK - NQ)."""
+    end = NK // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(end, tl.maximum(start_m + NK - NQ + 1, 0) // BLOCK_N * BLOCK_N)
+    return end
+
+
+@triton.jit
+def _interior_query_tiles_start(start_n, NQ, NK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+    """Start of the query tiles [start, NQ // BLOCK_M * BLOCK_M) that see all keys [start_n, start_n + BLOCK_N)
+    (the backward's key-major loop): with causal masking a query tile starting at i sees them all when
+    i + NK - NQ >= start_n + BLOCK_N - 1. Always a multiple of BLOCK_M."""
+    if CAUSAL:
+        start = tl.maximum(start_n + BLOCK_N - 1 - (NK - NQ), 0)
+        return (start + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        return 0
 
 
 @triton.jit
@@ -79,15 +108,43 @@ def _dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p):
 
 
 @triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, d_ok, skn, svn, b, bh, NQ, NK, slope,
+              POS, KPM, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+              EVEN_D: tl.constexpr, BOUNDS: tl.constexpr):
+    """One key tile of the forward's online softmax: returns the updated (acc, m_i, l_i). Interior tiles
+    (``BOUNDS=False``) load k and v without masks (only the head-dim mask when D is not a power of two)."""
+    cols = start_n + offs_n
+    if BOUNDS:
+        k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & (cols < NK)[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn, mask=(cols < NK)[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_base + cols[None, :] * skn)
+        v = tl.load(v_base + cols[:, None] * svn)
+    else:
+        k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn, mask=d_ok[None, :], other=0.0)
+    s = _scores(q, k, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
+                CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
+    p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, False)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SLOPES, POS, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    H, NQ, NK, sm_scale, dropout_p, seed,
+    H, NQ, NK, sm_scale, dropout_p, seed, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """One program = BLOCK_M query rows of one (batch, head); online softmax over key blocks."""
+    """One program = BLOCK_M query rows of one (batch, head); online softmax over key blocks.
+    (N_BUCKET, a power of two of the sequence length, only keys the autotuner.)"""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -111,18 +168,16 @@ def _attn_fwd_kernel(
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, tl.maximum((pid_m + 1) * BLOCK_M + NK - NQ, 0))
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & (cols < NK)[None, :], other=0.0)
-        s = _scores(q, k, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
-                    CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
-        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, False)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None] * svn, mask=(cols < NK)[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
-        m_i = m_new
+    # interior key tiles first (no bounds or causal mask), then the diagonal and tail tiles
+    interior = tl.minimum(_interior_key_tiles_end(pid_m * BLOCK_M, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), hi)
+    for start_n in range(0, interior, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, d_ok, skn, svn, b, bh,
+                                  NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI, HAS_POS,
+                                  HAS_KPM, HAS_DROPOUT, PRECISION, EVEN_D, False)
+    for start_n in range(interior, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, d_ok, skn, svn, b, bh,
+                                  NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI, HAS_POS,
+                                  HAS_KPM, HAS_DROPOUT, PRECISION, EVEN_D, True)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -157,17 +212,61 @@ def _probabilities(s, lse_log2):
 
 
 @triton.jit
+def _load_rows(ptr, rows, offs_d, stride, NQ, d_ok, EVEN_D: tl.constexpr, BOUNDS: tl.constexpr):
+    """[len(rows), BLOCK_D] rows of a [N, D] slice (masked only where a bound can be crossed)."""
+    if BOUNDS:
+        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=(rows < NQ)[:, None] & d_ok[None, :],
+                       other=0.0)
+    elif EVEN_D:
+        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :])
+    else:
+        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, kT, vT, q_base, do_base, LSE, DELTA, start_m, offs_m, offs_n, offs_d, d_ok, sqn, sdn, b, bh,
+               NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               EVEN_D: tl.constexpr, BOUNDS: tl.constexpr):
+    """One query tile of the key-major backward: dV += P~^T dO, dK += dS^T Q (dS unscaled)."""
+    rows = start_m + offs_m
+    q = _load_rows(q_base, rows, offs_d, sqn, NQ, d_ok, EVEN_D, BOUNDS)
+    do = _load_rows(do_base, rows, offs_d, sdn, NQ, d_ok, EVEN_D, BOUNDS)
+    if BOUNDS:
+        lse_log2 = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
+    else:
+        lse_log2 = tl.load(LSE + bh * NQ + rows) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * NQ + rows)
+    s = _scores(q, kT, rows, offs_n, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
+                CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
+    p = _probabilities(s, lse_log2)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, rows, offs_n, NQ, NK, dropout_p)
+        p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_kept = p
+    dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, POS, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, NQ, NK, sm_scale, dropout_p, seed,
+    H, NQ, NK, sm_scale, dropout_p, seed, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """One program = BLOCK_N keys of one (batch, head): dV = P~^T dO and dK = scale * dS^T Q over query blocks.
 
-    dK and dV are written contiguously as [B, H, NK, D].
+    Query tiles crossing the causal diagonal or the end of the sequence are masked; the others
+    (``_interior_query_tiles_start`` on) are not. dK and dV are written contiguously as [B, H, NK, D].
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -180,6 +279,8 @@ def _attn_bwd_dkdv_kernel(
     kv_mask = d_ok[:, None] & (offs_n < NK)[None, :]
     kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
     vT = tl.load(V + b * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
@@ -190,28 +291,23 @@ def _attn_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:
         lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, NQ, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < NQ
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse_log2 = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh * NQ + rows, mask=row_ok, other=0.0)
-        s = _scores(q, kT, rows, offs_n, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
-                    CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
-        p = _probabilities(s, lse_log2)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, offs_n, NQ, NK, dropout_p)
-            p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            p_kept = p
-        dv += tl.dot(tl.trans(p_kept.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, input_precision=PRECISION)
+    full_end = NQ // BLOCK_M * BLOCK_M
+    start = tl.maximum(_interior_query_tiles_start(pid_n * BLOCK_N, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), lo)
+    if (pid_n + 1) * BLOCK_N > NK:  # a partial key block: every tile needs the key bound
+        start = full_end
+    start = tl.minimum(start, full_end)
+    for start_m in range(lo, start, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, kT, vT, q_base, do_base, LSE, DELTA, start_m, offs_m, offs_n, offs_d, d_ok,
+                            sqn, sdn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI,
+                            HAS_POS, HAS_KPM, HAS_DROPOUT, PRECISION, EVEN_D, True)
+    for start_m in range(start, full_end, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, kT, vT, q_base, do_base, LSE, DELTA, start_m, offs_m, offs_n, offs_d, d_ok,
+                            sqn, sdn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI,
+                            HAS_POS, HAS_KPM, HAS_DROPOUT, PRECISION, EVEN_D, False)
+    for start_m in range(tl.maximum(full_end, lo), NQ, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, kT, vT, q_base, do_base, LSE, DELTA, start_m, offs_m, offs_n, offs_d, d_ok,
+                            sqn, sdn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI,
+                            HAS_POS, HAS_KPM, HAS_DROPOUT, PRECISION, EVEN_D, True)
 
     out_offs = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     out_mask = (offs_n < NK)[:, None] & d_ok[None, :]
@@ -220,17 +316,53 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(dq, dslope, q, do, lse_log2, delta, K_BASE, V_BASE, start_n, offs_m, offs_n, offs_d, d_ok, skn, svn, b,
+             bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+             HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DSLOPE: tl.constexpr,
+             PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BOUNDS: tl.constexpr):
+    """One key tile of the query-major backward: dQ += dS K (unscaled), dslope += sum_j dS_ij pos_j."""
+    cols = start_n + offs_n
+    if BOUNDS:
+        kv_mask = d_ok[:, None] & (cols < NK)[None, :]
+        kT = tl.load(K_BASE + cols[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
+        vT = tl.load(V_BASE + cols[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        kT = tl.load(K_BASE + cols[None, :] * skn + offs_d[:, None])
+        vT = tl.load(V_BASE + cols[None, :] * svn + offs_d[:, None])
+    else:
+        kT = tl.load(K_BASE + cols[None, :] * skn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        vT = tl.load(V_BASE + cols[None, :] * svn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+    s = _scores(q, kT, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
+                CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
+    p = _probabilities(s, lse_log2)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PRECISION)
+    if NEED_DSLOPE:
+        if HAS_POS:
+            pos = tl.load(POS + b * NK + cols, mask=cols < NK, other=0).to(tl.float32)
+        else:
+            pos = cols.to(tl.float32)
+        dslope += tl.sum(ds * pos[None, :], 1)
+    return dq, dslope
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, SLOPES, POS, KPM, DSLOPE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, NQ, NK, sm_scale, dropout_p, seed,
+    H, NQ, NK, sm_scale, dropout_p, seed, N_BUCKET, dslope_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, NEED_DSLOPE: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """One program = BLOCK_M queries: dQ = scale * dS K, and (ALiBi) this block's sum_ij dS_ij * pos_j.
+    """One program = BLOCK_M queries: dQ = scale * dS K, and (when the slopes want a gradient) this block's
+    sum_ij dS_ij * pos_j to DSLOPE[bh, pid_m] (rows ``dslope_stride`` apart).
 
-    dQ is written contiguously as [B, H, NQ, D]; the slope partial to DSLOPE[bh, pid_m].
+    dQ is written contiguously as [B, H, NQ, D].
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -247,6 +379,8 @@ def _attn_bwd_dq_kernel(
                  mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lse_log2 = tl.load(LSE + bh * NQ + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
@@ -257,33 +391,22 @@ def _attn_bwd_dq_kernel(
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, tl.maximum((pid_m + 1) * BLOCK_M + NK - NQ, 0))
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < NK
-        kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None],
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None],
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s = _scores(q, kT, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
-                    CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
-        p = _probabilities(s, lse_log2)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(K.dtype.element_ty), tl.trans(kT), input_precision=PRECISION)
-        if HAS_ALIBI:
-            if HAS_POS:
-                pos = tl.load(POS + b * NK + cols, mask=col_ok, other=0).to(tl.float32)
-            else:
-                pos = cols.to(tl.float32)
-            dslope += tl.sum(ds * pos[None, :], 1)
+    interior = tl.minimum(_interior_key_tiles_end(pid_m * BLOCK_M, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), hi)
+    if (pid_m + 1) * BLOCK_M > NQ:  # a partial query block: rows past NQ must stay masked everywhere
+        interior = 0
+    for start_n in range(0, interior, BLOCK_N):
+        dq, dslope = _dq_tile(dq, dslope, q, do, lse_log2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                              d_ok, skn, svn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL,
+                              HAS_ALIBI, HAS_POS, HAS_KPM, HAS_DROPOUT, NEED_DSLOPE, PRECISION, EVEN_D, False)
+    for start_n in range(interior, hi, BLOCK_N):
+        dq, dslope = _dq_tile(dq, dslope, q, do, lse_log2, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                              d_ok, skn, svn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL,
+                              HAS_ALIBI, HAS_POS, HAS_KPM, HAS_DROPOUT, NEED_DSLOPE, PRECISION, EVEN_D, True)
 
     tl.store(DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if HAS_ALIBI:
-        tl.store(DSLOPE + bh * tl.num_programs(0) + pid_m, tl.sum(dslope, 0))
+    if NEED_DSLOPE:
+        tl.store(DSLOPE + bh * dslope_stride + pid_m, tl.sum(dslope, 0))
 
 
 @triton.jit
@@ -304,7 +427,7 @@ def _decode_split_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    n_keys = tl.load(LENS + b).to(tl.int32)
+    n_keys = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), NMAX)  # never past the cache
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -366,13 +489,40 @@ def _decode_combine_kernel(O_PART, M_PART, L_PART, O, sob, soh, son, H, NQ, NUM_
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def _block_sizes(head_dim: int, device_is_gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); small tiles under the interpreter keep CI fast."""
-    if not device_is_gpu:
-        return 32, 32, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 2
+def _tile_configs(gpu_tiles: list) -> list:
+    """Autotune configs from (BLOCK_M, BLOCK_N, warps, stages); one small tile under the interpreter (its
+    cost is per program, and autotuning needs CUDA)."""
+    if not (torch.cuda.is_available() and not runtime.interpreter_enabled()):
+        gpu_tiles = [(32, 32, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in gpu_tiles]
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Head dims above 128 keep the tiles of at most 64 x 64 (registers and shared memory)."""
+    if {**named_args, **kwargs}["BLOCK_D"] <= 128:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[-1:]
+
+
+_TUNE_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "HAS_KPM", "HAS_DROPOUT"]
+# forward: BLOCK_M queries per program, BLOCK_N keys per step; dK/dV: BLOCK_N keys per program, BLOCK_M
+# queries per step; dQ: as the forward (FlashAttention-2's split, the Triton tutorial's tile shapes among them)
+_FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_DKDV_TILES = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
+_DQ_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_MIN_DQ_BLOCK_M = 32  # sizes the dslope partials whatever tile the autotuner picks
+_DELTA_BLOCK_M = 64
+
+
+def _autotuned(fn, tiles):
+    return triton.autotune(configs=_tile_configs(tiles), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune_tiles})(fn)
+
+
+_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_TILES)
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES)
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_TILES)
 
 
 def _block_d(head_dim: int) -> int:
@@ -400,52 +550,53 @@ def attention_forward(q, k, v, *, causal, alibi_slopes, positions, key_padding_m
     NK = k.shape[2]
     out = runtime.check_out(out, "out", q)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, warps, stages = _block_sizes(D, runtime.on_gpu(q))
     dummy = lse  # any pointer for the unused optional inputs (their loads are compiled out)
-    grid = (triton.cdiv(NQ, BLOCK_M), B * H)
-    _attn_fwd_kernel[grid](
+    _attn_fwd[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)](
         q, k, v, out, lse,
         alibi_slopes if alibi_slopes is not None else dummy,
         positions if positions is not None else dummy,
         key_padding_mask if key_padding_mask is not None else dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, NQ, NK, scale, dropout_p, seed,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        H, NQ, NK, scale, dropout_p, seed, runtime.next_power_of_2(max(NQ, NK)),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=_precision(q.dtype), EVEN_D=D == _block_d(D),
         **_flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p),
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, *, causal, alibi_slopes, positions, key_padding_mask, scale,
-                       dropout_p, seed):
-    """Launch the three backward kernels. Returns (dq, dk, dv, dslopes or None)."""
+                       dropout_p, seed, need_dslopes=True):
+    """Launch the three backward kernels. Returns (dq, dk, dv, dslopes or None); the slope partials are only
+    computed when ``need_dslopes`` (and ALiBi is on)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    BLOCK_M, BLOCK_N, warps, stages = _block_sizes(D, runtime.on_gpu(q))
     BLOCK_D = _block_d(D)
+    delta_block = _DELTA_BLOCK_M if runtime.on_gpu(q) else 32
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(NQ, BLOCK_M), B * H)](
-        out, do, delta, *_strides(out), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+    _attn_bwd_delta_kernel[(triton.cdiv(NQ, delta_block), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=delta_block)
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=v.device)
-    n_mblocks = triton.cdiv(NQ, BLOCK_M)
-    dslope_part = torch.zeros((B * H, n_mblocks), dtype=torch.float32, device=q.device)
+    need_dslopes = need_dslopes and alibi_slopes is not None
+    dslope_stride = triton.cdiv(NQ, _MIN_DQ_BLOCK_M)
+    dslope_part = torch.zeros((B * H, dslope_stride) if need_dslopes else (1,), dtype=torch.float32,
+                              device=q.device)
     dummy = delta
     optional = (alibi_slopes if alibi_slopes is not None else dummy,
                 positions if positions is not None else dummy,
                 key_padding_mask if key_padding_mask is not None else dummy)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype),
-                num_warps=warps, num_stages=stages,
+    bucket = runtime.next_power_of_2(max(NQ, NK))
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype), EVEN_D=D == BLOCK_D,
                 **_flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, BLOCK_N), B * H)](
-        q, k, v, do, dk, dv, lse, delta, *optional, *strides, H, NQ, NK, scale, dropout_p, seed, **meta)
-    _attn_bwd_dq_kernel[(n_mblocks, B * H)](
-        q, k, v, do, dq, lse, delta, *optional, dslope_part, *strides, H, NQ, NK, scale, dropout_p, seed, **meta)
-    dslopes = dslope_part.view(B, H, n_mblocks).sum(dim=(0, 2)) if alibi_slopes is not None else None
+    _attn_bwd_dkdv[lambda m: (triton.cdiv(NK, m["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, *optional, *strides, H, NQ, NK, scale, dropout_p, seed, bucket, **meta)
+    _attn_bwd_dq[lambda m: (triton.cdiv(NQ, m["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, *optional, dslope_part, *strides, H, NQ, NK, scale, dropout_p, seed, bucket,
+        dslope_stride, NEED_DSLOPE=need_dslopes, **meta)
+    dslopes = dslope_part.view(B, H, dslope_stride).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
 
 
@@ -467,9 +618,7 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, alibi_slopes, positions, key_padding_mask = ctx.saved_tensors
         dq, dk, dv, dslopes = attention_backward(
             dout.contiguous(), q, k, v, out, lse, alibi_slopes=alibi_slopes, positions=positions,
-            key_padding_mask=key_padding_mask, **ctx.options)
-        if dslopes is not None and not ctx.needs_input_grad[3]:
-            dslopes = None
+            key_padding_mask=key_padding_mask, need_dslopes=ctx.needs_input_grad[3], **ctx.options)
         return dq, dk, dv, dslopes, None, None, None, None, None, None
 
 
@@ -594,7 +743,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_
 
     q [B, H, Nq, D]; k_cache/v_cache [B, H, Nmax, D] whose first ``cache_lens[b]`` slots are valid and
     already hold the new tokens' keys/values (the new queries are the last Nq of them: causal bottom-right);
-    cache_lens [B] int32/int64 on the device, each >= Nq (not checked: that would synchronise).
+    cache_lens [B] int32/int64, each in [Nq, Nmax]: checked when on the host; on the device not read back
+    (that would synchronise each step) but clamped to [0, Nmax] in the kernel, so it never reads past the cache.
     key_padding_mask [B, Nmax] (1 = real token, HF's attention_mask padded to the capacity) masks pads and
     gives ALiBi its positions, as in :func:`attention`. Returns out [B, H, Nq, D] (or writes ``out``).
 
@@ -609,7 +759,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_
             return _decode_launch(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale, out)
     result = decode_attention_reference(q, k_cache, v_cache, cache_lens, alibi_slopes=alibi_slopes,
                                         key_padding_mask=key_padding_mask, scale=scale)
-    return result if out is None else out.copy_(result)
+    return runtime.write_out(out, "out", result)
 
 
 def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_padding_mask=None,
@@ -641,6 +791,7 @@ def _validate_decode(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_
         raise ValueError(f"k_cache and v_cache must both have shape [{B}, {H}, Nmax, {D}], got "
                          f"{list(k_cache.shape)} and {list(v_cache.shape)}")
     runtime.check_shape(cache_lens, "cache_lens", (B,))
+    runtime.check_cache_lens(cache_lens, "cache_lens", NQ, k_cache.shape[2])
     _validate_options(alibi_slopes, key_padding_mask, scale, H, (B, k_cache.shape[2]))
 
 

@@ -345,7 +345,7 @@ def _diff_decode_split_kernel(
     g = pid_bg % HKV_HALF
     g2 = g + HKV_HALF
     DT = Q.dtype.element_ty
-    n_keys = tl.load(LENS + b).to(tl.int32)
+    n_keys = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), NMAX)  # never past the cache
     rows = tl.arange(0, BLOCK_M)
     pair = g * R + rows // NQ
     query = rows % NQ
@@ -636,7 +636,8 @@ def diff_decode_attention(q, k_cache, v_cache, cache_lens, lambda_full, lambda_i
 
     q [B, H, Nq, D]; k_cache/v_cache [B, Hkv, Nmax, D] whose first ``cache_lens[b]`` slots are valid and already
     hold the new tokens' (rotated) keys and values, the new queries being the last Nq of them (causal
-    bottom-right); cache_lens [B] int32/int64 on the device (>= Nq, not checked: that would synchronise);
+    bottom-right); cache_lens [B] int32/int64 in [Nq, Nmax] (checked on the host; device lengths are clamped
+    to [0, Nmax] in the kernel instead of read back, which would synchronise);
     key_padding_mask [B, Nmax] (1 = real token). Returns [B, Nq, H/2, 2D] (or writes ``out``), as
     :func:`diff_attention` on the valid prefix would. Keys are split across programs and each program serves a
     whole KV group, so K/V are read once per step; the launch depends only on shapes (CUDA-graph friendly).
@@ -654,7 +655,7 @@ def diff_decode_attention(q, k_cache, v_cache, cache_lens, lambda_full, lambda_i
                                        key_padding_mask, float(eps), scale, out)
     result = diff_decode_attention_reference(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init,
                                              key_padding_mask=key_padding_mask, eps=eps, scale=scale)
-    return result if out is None else out.copy_(result)
+    return runtime.write_out(out, "out", result)
 
 
 def diff_decode_attention_reference(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, *,
@@ -680,6 +681,7 @@ def _validate_decode(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, 
     runtime.check_same_device(q=q, cache_lens=cache_lens)
     if not 1 <= q.shape[2] <= 16:
         raise ValueError(f"q must hold 1 to 16 new queries per sequence, got {q.shape[2]}")
+    runtime.check_cache_lens(cache_lens, "cache_lens", q.shape[2], k_cache.shape[2])
 
 
 def _diff_decode_launch(q, k_cache, v_cache, cache_lens, lambda_full, lambda_init, key_padding_mask, eps, scale,

@@ -124,7 +124,7 @@ def _int_linear_kernel(X, W, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
             k_ok = rk < K - kk * BLOCK_K
             a = tl.load(a_ptr, mask=k_ok[None, :], other=0)
             b = tl.load(b_ptr, mask=k_ok[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 asserts acc dtype == out_dtype (default fp32)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
 

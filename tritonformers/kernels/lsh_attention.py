@@ -400,6 +400,7 @@ class LSHAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        dout = dout.contiguous()  # the combine-backward kernel reads rows with unit stride (out.sum() gives stride 0)
         qk, v, perm, key_padding_mask, o_r, lse_r = ctx.saved_tensors
         geometry, meta, nh = ctx.geometry, ctx.meta, ctx.num_hashes
         B, H, L, D = qk.shape
@@ -459,6 +460,9 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     _validate(qk, v, chunk_length, num_hashes, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p,
               buckets)
     B, H, L, D = qk.shape
+    if L == 0:  # nothing to attend: the empty result (v.clone() keeps it on the autograd graph)
+        empty = torch.empty((B, H, num_hashes, 0), dtype=torch.long, device=qk.device)
+        return (v.clone(), empty) if return_buckets else v.clone()
     unchunked = L <= chunk_length
     if unchunked:  # HF: plain attention over the whole sequence; no hashing, one "round"
         chunk_length, num_chunks_before, num_chunks_after, num_hashes = L, 0, 0, 1

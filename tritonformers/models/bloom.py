@@ -1,5 +1,5 @@
 """BLOOM (BigScience) on the tritonformers kernels, loading and matching HuggingFace's ``transformers``
-BLOOM (specs/bloom.md): ``BloomConfig``, ``BloomModel``, ``BloomForCausalLM``,
+BLOOM (transformers/models/bloom/modeling_bloom.py): ``BloomConfig``, ``BloomModel``, ``BloomForCausalLM``,
 ``BloomForSequenceClassification``, ``BloomForTokenClassification``, ``BloomForQuestionAnswering``.
 
 The computation is HF's, with the element-wise work fused:
@@ -95,7 +95,7 @@ class BloomMLP(nn.Module):
 
 
 class BloomBlock(nn.Module):
-    """One pre-LN BLOOM layer (specs/bloom.md §5) with the residual adds fused into the LayerNorms.
+    """One pre-LN BLOOM layer (HF's ``BloomBlock``) with the residual adds fused into the LayerNorms.
 
     ``forward(hidden_states, attention_mask=None, layer_past=None, use_cache=False, output_attentions=False,
     delta=None)``: the layer's input is ``hidden_states + delta`` (``delta`` = the previous layer's MLP

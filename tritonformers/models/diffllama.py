@@ -1,5 +1,5 @@
 """DiffLlama (differential-attention Llama) on the tritonformers kernels, loading and matching HuggingFace's
-``transformers`` DiffLlama (specs/diffllama.md): ``DiffLlamaConfig``, ``DiffLlamaModel``,
+``transformers`` DiffLlama (``models/diffllama/modeling_diffllama.py``): ``DiffLlamaConfig``, ``DiffLlamaModel``,
 ``DiffLlamaForCausalLM``, ``DiffLlamaForSequenceClassification``, ``DiffLlamaForQuestionAnswering``,
 ``DiffLlamaForTokenClassification``.
 
@@ -20,7 +20,7 @@ Parameter names, state-dict keys, forward arguments and output attribute names a
 Differences from HF, on purpose:
 
 * padded query rows (left padding) give attention output 0 where HF's eager averages every key; valid
-  positions are unaffected, so compare those only (specs/diffllama.md §6);
+  positions are unaffected, so compare those only (no valid output reads a padded query row);
 * ``cache`` (``past_key_values`` before transformers 5.25) is a tritonformers ``KVCache`` (static,
   preallocated), not an HF ``Cache``;
   ``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training mode;
@@ -63,7 +63,8 @@ _LEGACY_ROPE_KEYS = ("rope_scaling", "rope_theta", "partial_rotary_factor")
 
 
 class DiffLlamaConfig(ConfigBase):
-    """HF's ``DiffLlamaConfig``: same fields and defaults (specs/diffllama.md §1).
+    """HF's ``DiffLlamaConfig`` (transformers/models/diffllama/configuration_diffllama.py): same fields and
+    defaults.
 
     ``num_key_value_heads`` None becomes ``num_attention_heads``; ``head_dim`` None becomes
     ``hidden_size // num_attention_heads``. RoPE lives in ``rope_parameters`` (a flat dict with

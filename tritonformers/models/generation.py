@@ -1,6 +1,7 @@
 """Text generation shared by the model families: a static KV cache, decoding sessions, and greedy search,
-sampling and beam search with the semantics of transformers 5's ``generate`` (specs/bloom.md §8,
-specs/fsmt.md §8).
+sampling and beam search with the semantics of transformers 5's ``generate`` (``GenerationMixin.generate``,
+``_sample`` and ``_beam_search`` in ``transformers/generation/utils.py``; the logits processors of
+``transformers/generation/logits_process.py``).
 
 How a family plugs in
 ---------------------
@@ -176,8 +177,6 @@ class KVCache:
             for t in (*self.key_cache, *self.value_cache):
                 t.copy_(t.index_select(0, index))
 
-    index_select = reorder_cache
-
     def _grow(self, capacity: int) -> None:
         n = self.length
         for caches in (self.key_cache, self.value_cache):
@@ -205,7 +204,7 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0,
     "early_stopping": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     "decoder_start_token_id": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "use_cache": True, "return_dict_in_generate": False, "output_scores": False,
+    "use_cache": True, "return_dict_in_generate": False, "output_scores": False, "bad_words_ids": None,
 }
 
 
@@ -391,7 +390,7 @@ def process_scores(cfg: dict, input_ids: torch.Tensor, scores: torch.Tensor, *, 
                    eos: torch.Tensor | None, prompt_pads: torch.Tensor | None, warp: bool,
                    min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Apply transformers' logits processors to float32 ``scores`` [N, V] given the sequences so far
-    ``input_ids`` [N, L]: repetition penalty (prompt pads ignored), no-repeat n-grams, min length, min new
+    ``input_ids`` [N, L]: repetition penalty (prompt pads ignored), no-repeat n-grams, bad words, min length, min new
     tokens, forced BOS at length 1, forced EOS at ``max_length - 1``; then, when ``warp`` (sampling),
     temperature, top-k and top-p."""
     L = input_ids.shape[1]
@@ -399,6 +398,8 @@ def process_scores(cfg: dict, input_ids: torch.Tensor, scores: torch.Tensor, *, 
         scores = _repetition_penalty(input_ids, scores, cfg["repetition_penalty"], prompt_pads)
     if cfg["no_repeat_ngram_size"] and cfg["no_repeat_ngram_size"] > 0:
         scores = _no_repeat_ngram(input_ids, scores, cfg["no_repeat_ngram_size"])
+    if cfg["bad_words_ids"]:
+        scores = _bad_words(input_ids, scores, cfg["bad_words_ids"], eos)
     if eos is not None and cfg["min_length"] and cfg["min_length"] > 0 and L < cfg["min_length"]:
         scores = scores.index_fill(1, eos, -math.inf)
     if eos is not None and cfg["min_new_tokens"] and L - prompt_len < cfg["min_new_tokens"]:
@@ -437,6 +438,23 @@ def _no_repeat_ngram(input_ids, scores, n: int):
     banned = scores.new_zeros((scores.shape[0], V + 1), dtype=torch.bool)
     banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
     return scores.masked_fill(banned[:, :V], -math.inf)
+
+
+def _bad_words(input_ids, scores, bad_words: list, eos):
+    """transformers' NoBadWordsLogitsProcessor: a one-token entry is banned always (an entry that is just an
+    eos id is dropped); a longer one bans its last token where the sequence ends with the rest."""
+    eos_ids = set() if eos is None else set(eos.tolist())
+    if any(t >= scores.shape[-1] for seq in bad_words for t in seq):
+        raise ValueError(f"bad_words_ids holds ids beyond the vocabulary ({scores.shape[-1]} tokens)")
+    banned = torch.zeros_like(scores, dtype=torch.bool)
+    L = input_ids.shape[1]
+    for seq in bad_words:
+        if len(seq) == 1 and seq[0] not in eos_ids:
+            banned[:, seq[0]] = True
+        elif 1 < len(seq) <= L + 1:
+            prefix = torch.tensor(seq[:-1], dtype=input_ids.dtype, device=input_ids.device)
+            banned[:, seq[-1]] |= (input_ids[:, L + 1 - len(seq):] == prefix).all(dim=1)
+    return scores.masked_fill(banned, -math.inf)
 
 
 def _warp(cfg: dict, scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -496,6 +514,10 @@ def _validate(cfg: dict) -> None:
             raise ValueError(f"top_p must be in [0, 1], got {cfg['top_p']!r}")
         if cfg["top_k"] is not None and (not isinstance(cfg["top_k"], int) or cfg["top_k"] < 0):
             raise ValueError(f"top_k must be a non-negative int, got {cfg['top_k']!r}")
+    bad = cfg["bad_words_ids"]
+    if bad is not None and not (isinstance(bad, (list, tuple)) and bad and all(
+            isinstance(seq, (list, tuple)) and seq and all(isinstance(t, int) and t >= 0 for t in seq) for seq in bad)):
+        raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {bad!r}")
     if not cfg["repetition_penalty"] > 0:
         raise ValueError(f"repetition_penalty must be positive, got {cfg['repetition_penalty']!r}")
 
@@ -520,21 +542,64 @@ def _infer_mask(input_ids: torch.Tensor, eos: torch.Tensor | None, pad: int | No
     return input_ids.ne(pad).long() if pad_in_inputs and not pad_is_eos else ones
 
 
+def _input_vocab_size(model) -> int | None:
+    """The number of ids the model embeds: its input embedding's rows (the encoder's for encoder-decoders,
+    as HF's ``get_input_embeddings``), else ``config.vocab_size``; None when the model names neither."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is not None and hasattr(embedding, "num_embeddings"):
+        return int(embedding.num_embeddings)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _check_prompt_ids(model, input_ids: torch.Tensor) -> None:
+    """Reject an empty prompt and ids outside the vocabulary before anything runs (an embedding lookup
+    would fail with a bare ``IndexError``, or on CUDA with a device-side assert)."""
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): generate needs at least one row "
+                         "of at least one prompt token (input_ids=None starts from bos_token_id)")
+    vocab = _input_vocab_size(model)
+    if vocab is None:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        row = int(((input_ids == bad).any(dim=1)).nonzero()[0])
+        raise ValueError(f"input_ids holds token id {bad} (row {row}), outside the vocabulary of "
+                         f"{type(model).__name__}: ids must be in [0, {vocab - 1}] (vocabulary size {vocab})")
+
+
+def _warn_right_padding(model, attention_mask: torch.Tensor) -> None:
+    """transformers' warning when a decoder-only model gets right-padded prompts: the continuation of a row
+    whose mask ends in 0 starts after its pads, so it is wrong. (transformers checks batches of two or more
+    rows; a single right-padded row is just as wrong, so any row is checked here.)"""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):  # input_ids are the encoder's: any padding side works
+        return
+    if bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn("A decoder-only model got right-padded input_ids (attention_mask ends in 0 in some rows): "
+                      "their continuations would follow the pads and be wrong. Pad on the left: "
+                      "tokenizer(texts, padding=True, padding_side='left')", UserWarning, stacklevel=4)
+
+
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config: GenerationConfig | None = None, *, generator: torch.Generator | None = None,
              use_cuda_graph: bool | None = None, **kwargs: Any):
     """Generate continuations as ``transformers``' ``model.generate`` does (greedy, sampling, beam search,
     beam sampling). Settings come from ``kwargs`` (HF's names: ``max_new_tokens``, ``max_length``,
     ``min_length``, ``min_new_tokens``, ``do_sample``, ``num_beams``, ``num_return_sequences``,
-    ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
     ``length_penalty``, ``early_stopping``, ``eos_token_id`` (int or list), ``pad_token_id``,
     ``bos_token_id``, ``forced_bos_token_id``, ``forced_eos_token_id``, ``return_dict_in_generate``,
     ``output_scores``), then ``generation_config``, then ``model.generation_config`` (the checkpoint's
     ``generation_config.json`` or its config), then transformers' global defaults. Other kwargs go to the
     model's session (FSMT's encoder inputs, say).
 
-    input_ids [B, P] (None: one row holding bos); attention_mask [B, P] (1 = real, left padding for
-    decoder-only models), inferred from pad as transformers does when None. Sampling draws from
+    input_ids [B, P] with P >= 1 and ids inside the model's input vocabulary (else ValueError naming the id;
+    None: one row holding bos); attention_mask [B, P] (1 = real, left padding for decoder-only models: a row
+    whose mask ends in 0 warns, as in transformers), inferred from pad as transformers does when None.
+    Sampling draws from
     ``generator`` (default: torch's global generator, so ``torch.manual_seed`` reproduces transformers'
     draws). ``use_cuda_graph``: None = automatic on CUDA (see :class:`CachedDecoderSession`).
 
@@ -550,6 +615,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         input_ids = torch.full((1, 1), cfg["bos_token_id"], dtype=torch.long, device=device)
     runtime.check_tensor(input_ids, "input_ids", dtypes=(torch.int64, torch.int32), ndim=2)
     input_ids = input_ids.to(device=device, dtype=torch.long)
+    _check_prompt_ids(model, input_ids)
     eos, pad = _special_tokens(cfg, device)
     if attention_mask is None:
         attention_mask = _infer_mask(input_ids, eos, pad)
@@ -558,6 +624,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, "
                          f"got {list(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    _warn_right_padding(model, attention_mask)
 
     copies = max(cfg["num_beams"], cfg["num_return_sequences"])
     with torch.no_grad():

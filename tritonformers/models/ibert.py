@@ -1,5 +1,5 @@
 """I-BERT (Kim et al. 2021, integer-only RoBERTa) on the tritonformers kernels, loading and matching
-HuggingFace's ``transformers`` I-BERT (specs/ibert.md): ``IBertConfig``, ``IBertModel``, ``IBertForMaskedLM``,
+HuggingFace's ``transformers`` I-BERT (``models/ibert``): ``IBertConfig``, ``IBertModel``, ``IBertForMaskedLM``,
 ``IBertForSequenceClassification``, ``IBertForMultipleChoice``, ``IBertForTokenClassification``,
 ``IBertForQuestionAnswering``.
 
@@ -16,12 +16,13 @@ Module tree, parameter and buffer names are HF's (the quantization modules come 
 * **integer** (quant mode, eval; the default for inference): int8/int32/int64 tensors through the modules'
   ``int_forward`` (Triton integer kernels on CUDA, exact torch integer references on the CPU).
   Ranges are frozen. It equals HF's integers op by op wherever HF's arithmetic is integer-valued; where HF's
-  emulation is not integer arithmetic (its float32 softmax division, float32 LayerNorm/GELU internals,
-  specs/ibert.md section 6) single LSBs differ and propagate, so end to end the outputs agree to the
+  emulation is not integer arithmetic (its float32 softmax division, float32 LayerNorm/GELU internals in
+  transformers/models/ibert/quant_modules.py) single LSBs differ and propagate, so end to end the outputs agree to the
   quantization-noise level, not bit for bit.
 
 HF quirk reproduced by default: the encoder hands every layer the *embedding* output scale instead of the
-previous layer's (``encoder.stale_layer_scale = True``; specs/ibert.md section 5). Checkpoints were
+previous layer's (``encoder.stale_layer_scale = True``; ``IBertEncoder.forward`` passes one
+``hidden_states_scaling_factor`` to every layer). Checkpoints were
 calibrated with it; set it False for the mathematically intended scales. ``force_dequant`` must be one of
 "none", "gelu", "softmax", "layernorm", "nonlinear" (HF silently treats other strings as "none"; here they
 raise ValueError).
@@ -406,7 +407,7 @@ class IBertLayer(nn.Module):
 
 class IBertEncoder(nn.Module):
     """The stack of layers. ``stale_layer_scale`` (default True, HF's behaviour): every layer is told the
-    embedding output's scale, not its input's true scale (specs/ibert.md section 5)."""
+    embedding output's scale, not its input's true scale (HF's ``IBertEncoder.forward`` never updates it)."""
 
     def __init__(self, config):
         super().__init__()

@@ -36,7 +36,7 @@ from torch import nn
 
 __all__ = [
     "ConfigBase", "PreTrainedMixin", "LoadReport", "read_config", "write_config", "load_state_dict",
-    "save_state_dict", "load_into", "checkpoint_dtype", "checkpoint_files", "parse_size",
+    "save_state_dict", "load_into", "checkpoint_dtype", "checkpoint_files", "parse_size", "hf_init_",
 ]
 
 CONFIG_NAME = "config.json"
@@ -347,7 +347,10 @@ class ConfigBase:
 
 def _shard_files(index_file: Path) -> list[Path]:
     with open(index_file, encoding="utf-8") as f:
-        index = json.load(f)
+        try:
+            index = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(index_file)!r} is not valid JSON: {e}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{str(index_file)!r} has no 'weight_map' of tensor names to shard files")
@@ -387,17 +390,48 @@ def _place(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> 
     return t.to(device)
 
 
+def _unreadable(file: Path, error: Exception) -> OSError:
+    """The error for a weights file that cannot be parsed: it names the file (the libraries' errors do not)."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return OSError(f"cannot read weights file {str(file)!r} (corrupt or truncated?): "
+                   f"{type(error).__name__}: {first_line}")
+
+
+def _open_safetensors(file: Path, device: str = "cpu"):
+    """``safe_open`` on ``file``; a bad header (corrupt or truncated file) becomes an OSError naming it.
+
+    safetensors checks at open that the header parses and that the data covers every tensor it lists, so
+    a truncated file fails here, not later in ``get_tensor``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except SafetensorError as e:
+        raise _unreadable(file, e) from e
+
+
+def _torch_load(file: Path) -> dict:
+    """``torch.load(weights_only=True)`` on CPU; an unparsable file becomes an OSError naming it."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError) as e:  # truncated zips raise OSError
+        raise _unreadable(file, e) from e
+
+
 def _read_file(file: Path, dtype: torch.dtype | None, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     if file.name.endswith(".safetensors"):
-        from safetensors import safe_open
-
         # safe_open reads one tensor at a time straight onto the device: no second copy of the file
         target = "cpu" if device.type == "meta" else str(device)
-        with safe_open(str(file), framework="pt", device=target) as f:
+        with _open_safetensors(file, target) as f:
             for key in f.keys():
                 yield key, _place(f.get_tensor(key), dtype, device)
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = _torch_load(file)
         for key in list(state):
             yield key, _place(state.pop(key), dtype, device)
 
@@ -413,6 +447,9 @@ def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         device: where the tensors go (default CPU). safetensors shards are read straight onto it, one
             tensor at a time; ``pytorch_model.bin`` is read with ``torch.load(weights_only=True,
             map_location="cpu")`` and then moved.
+
+    A weights file that does not parse (corrupt or truncated, one shard of many included) raises OSError
+    naming that file.
     """
     dtype = _as_dtype(dtype)
     device = torch.device("cpu" if device is None else device)
@@ -426,15 +463,13 @@ def _first_float_dtype(files: list[Path]) -> torch.dtype | None:
     """The dtype of the first floating tensor of the first weight file (header only for safetensors)."""
     file = files[0]
     if file.name.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():
                 dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
                 if dtype is not None and _is_float(dtype):
                     return dtype
         return None
-    return _state_dict_dtype(torch.load(file, map_location="cpu", weights_only=True))
+    return _state_dict_dtype(_torch_load(file))
 
 
 def _state_dict_dtype(state: Mapping[str, Any]) -> torch.dtype | None:
@@ -815,6 +850,36 @@ def _build_context(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _check_model_type(cls: type, path: str | os.PathLike, config: dict) -> dict:
+    """``config`` (a ``config.json`` dict) when its ``model_type`` is absent or ``cls``'s family's, else a
+    ValueError naming both types and the way to load it anyway."""
+    expected = cls.config_class.model_type
+    given = config.get("model_type")
+    if not expected or given in (None, expected):
+        return config
+    raise ValueError(
+        f"{str(Path(path) / CONFIG_NAME)!r} has model_type {given!r}, but {cls.__name__} loads model_type "
+        f"{expected!r} checkpoints: use the {given!r} model classes, or pass "
+        f"config={cls.config_class.__name__}.from_pretrained(path) to load it anyway")
+
+
+def hf_init_(module: nn.Module, std: float) -> None:
+    """transformers' usual ``_init_weights`` rule, in place: Linear and Embedding weights N(0, std), biases
+    zero, an embedding's padding row zero, LayerNorm weight one and bias zero; other modules untouched."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None and not module.weight.is_meta:
+            module.weight.data[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class PreTrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for an ``nn.Module`` model class built as ``cls(config)``.
 
@@ -849,13 +914,17 @@ class PreTrainedMixin:
             dtype: the floating dtype of the model; None or "auto" = the checkpoint's
                 (:func:`checkpoint_dtype`), as transformers 5 does.
             device: where the model is built and the weights are read to (default CPU).
-            config: a config to use instead of ``config.json``.
+            config: a config to use instead of ``config.json``. This is also how to load a checkpoint of
+                another ``model_type`` on purpose (``config=XConfig.from_pretrained(path)``, which warns).
             strict: raise on missing or unexpected keys (see :func:`load_into`).
+
+        A ``config.json`` whose ``model_type`` is another family's raises ValueError naming both types
+        (transformers only warns, and the load then fails on some unrelated key or shape).
         """
         if config is None:
             if cls.config_class is None:
                 raise TypeError(f"{cls.__name__} declares no config_class; pass config=")
-            config = cls.config_class.from_pretrained(path)
+            config = cls.config_class.from_dict(_check_model_type(cls, path, read_config(path)))
         else:
             config = copy.deepcopy(config)
         files = checkpoint_files(path)
@@ -909,6 +978,16 @@ class PreTrainedMixin:
             p = f"{name}." if name else ""
             tied.update({p + t: p + s for t, s in keys.items()})
         return tied
+
+    def init_and_tie(self) -> None:
+        """HF's ``post_init`` for a model built in ``__init__``: ``self._init_weights`` on every module outside
+        the base model (``base_model_prefix``; its own constructor initialised it), then :meth:`tie_weights`."""
+        p = self.base_model_prefix
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if not p or not (name == p or name.startswith(p + ".")):
+                    self._init_weights(module)
+        self.tie_weights()
 
     def tie_weights(self, *, only_if_equal: bool = False) -> None:
         """Make each tied target the very same parameter as its source.

@@ -45,7 +45,8 @@ def num_attention_heads(config) -> int:
 def sliced_linear(x: torch.Tensor, weight: torch.Tensor, slices: int) -> torch.Tensor:
     """HF BLOOM's ``slow_but_exact`` projection: ``sum_i x[..., cols_i] @ weight[:, cols_i].T`` over
     ``slices`` column blocks (bounds ``int(i * in / slices)``), starting from zeros, **without the bias**
-    (HF drops it on this path; specs/bloom.md §5.3)."""
+    (HF drops it on this path: ``BloomAttention.forward`` and ``BloomMLP.forward`` in
+    transformers/models/bloom/modeling_bloom.py)."""
     width = weight.shape[-1] / slices
     out = torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
     for i in range(slices):

@@ -19,8 +19,9 @@ load unchanged, including the QuantAct ranges ``x_min``/``x_max``/``act_scaling_
   requantize in their own kernels. A module whose ``quant_mode`` is off (``force_dequant``) returns a
   float :class:`QuantTensor` (scale None) from the dequantized input, as HF returns ``(x, None)``.
 
-Where the integer path differs from HF's float emulation (HF's own non-integer arithmetic: specs/ibert.md
-section 6), the op docstrings in the kernel modules say so; tests/kernels/test_quant_modules.py measures it.
+Where the integer path differs from HF's float emulation (HF's own non-integer arithmetic in
+transformers/models/ibert/quant_modules.py: the float32 division of IntSoftmax, float32 IntLayerNorm and
+IntGELU internals), the op docstrings in the kernel modules say so; tests/kernels/test_quant_modules.py measures it.
 ``force_dequant`` must be one of :data:`FORCE_DEQUANT_OPTIONS` (HF silently ignores unknown strings).
 """
 

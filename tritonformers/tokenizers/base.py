@@ -61,8 +61,12 @@ def as_added_token(value: Any, name: str = "token") -> str | AddedToken:
 
 
 def read_json(path: str) -> Any:
+    """The JSON value in `path`; a file that does not parse is a ValueError naming it."""
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def existing_file(directory: str, name: str) -> str | None:
@@ -242,7 +246,10 @@ class BaseTokenizer:
         path = existing_file(directory, TOKENIZER_FILE)
         if path is None:
             raise FileNotFoundError(f"{cls.__name__} needs {TOKENIZER_FILE} in {directory}")
-        return Tokenizer.from_file(path)
+        try:
+            return Tokenizer.from_file(path)
+        except Exception as error:  # the Rust side raises a bare Exception that names no file
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read: {error}") from error
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "BaseTokenizer":
@@ -252,6 +259,9 @@ class BaseTokenizer:
         Never touches the network.
         """
         directory = os.fspath(directory)
+        if os.path.isfile(directory):
+            raise NotADirectoryError(f"{directory} is a file; expected a tokenizer directory (holding "
+                                     f"{TOKENIZER_FILE} or the family's vocabulary files)")
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"tokenizer directory not found: {directory}")
         config_path = existing_file(directory, TOKENIZER_CONFIG_FILE)

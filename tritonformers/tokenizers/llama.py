@@ -1,7 +1,9 @@
 """The Llama tokenizer (DiffLlama's): sentencepiece-style BPE with byte fallback, run by `tokenizers`.
 
-transformers 5's `LlamaTokenizer` is a `tokenizers` (Rust) pipeline, not the sentencepiece runtime, and it
-differs from sentencepiece on leading spaces (specs/diffllama.md §9). This module builds the same pipeline:
+transformers 5's `LlamaTokenizer` (transformers/models/llama/tokenization_llama.py) is a `tokenizers` (Rust)
+pipeline, not the sentencepiece runtime, and it differs from sentencepiece on leading spaces: Metaspace adds
+no "▁" to a text that already starts with a space (`" Hello"` gives `▁Hello`, sentencepiece `▁ ▁Hello`).
+This module builds the same pipeline:
 
 * vocabulary and merges: from tokenizer.json, or converted from a sentencepiece `tokenizer.model` (the
   pieces in id order; the merges are every split of a piece into two pieces of the vocabulary, ordered by

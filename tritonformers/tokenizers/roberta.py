@@ -1,6 +1,7 @@
 """RoBERTa's tokenizer (I-BERT's): byte-level BPE from vocab.json + merges.txt, or from tokenizer.json.
 
-As transformers 5's `RobertaTokenizer` does (specs/ibert.md §9), only the vocabulary and merges are read
+As transformers 5's `RobertaTokenizer` does (transformers/models/roberta/tokenization_roberta.py; I-BERT
+checkpoints name it), only the vocabulary and merges are read
 from the files; the pipeline is always rebuilt: BPE without unk token, ByteLevel pre-tokenizer
 (`add_prefix_space` from the config, default False; GPT-2 regex), ByteLevel decoder, and the template
 `<s> A </s>` / `<s> A </s></s> B </s>` (RobertaProcessing with `trim_offsets`, default True). Special

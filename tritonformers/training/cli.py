@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import device, non_negative_int, positive_float, positive_int
 from .options import DTYPES, TrainOptions
 
 DESCRIPTION = (
@@ -32,10 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the --model directory)")
     _int(p, "--max-steps", d, "optimizer steps")
     _int(p, "--batch-size", d, "sequences per process and micro-step")
-    p.add_argument("--seq-len", type=int, metavar="N",
+    p.add_argument("--seq-len", type=positive_int, metavar="N",
                    help=f"tokens per sequence (default: {1024} or what the model serves, if less)")
     _int(p, "--grad-accum", d, "micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=d["lr"].default, metavar="LR", help="peak learning rate (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d["lr"].default, metavar="LR", help="peak learning rate (default %(default)s)")
     _int(p, "--warmup-steps", d, "linear warmup steps before the cosine decay")
     _int(p, "--eval-every", d, "evaluate every N steps (0: at the last step only)")
     _int(p, "--save-every", d, "write OUT/checkpoint-<step> every N steps (0: none)")
@@ -57,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="clip the gradient norm (default %(default)s; 0 disables)")
     p.add_argument("--text-field", default=d["text_field"].default, metavar="NAME",
                    help="the text field of JSON-lines records (default %(default)s)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -65,7 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _int(p, flag: str, fields, what: str) -> None:
     default = fields[flag[2:].replace("-", "_")].default
-    p.add_argument(flag, type=int, default=default, metavar="N", help=f"{what} (default {default})")
+    kind = int if flag == "--seed" else positive_int if default > 0 else non_negative_int
+    p.add_argument(flag, type=kind, default=default, metavar="N", help=f"{what} (default {default})")
 
 
 def options_from_args(args: argparse.Namespace) -> dict:
@@ -79,13 +81,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from . import train
-    try:
-        result = train(**options_from_args(args))
-    except (ValueError, TypeError, OSError) as e:
-        if not getattr(e, "before_training", False):  # a failure during training keeps its traceback
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = train(**options_from_args(args))
     if result.rank == 0 and result.eval_loss is not None:
         print(f"step {result.step}: loss {result.loss:.4f}, eval loss {result.eval_loss:.4f} "
               f"(perplexity {result.eval_ppl:.2f}); model written to {result.out}", file=sys.stderr)

@@ -57,19 +57,10 @@ def train(**options) -> TrainResult:
     the module docstring for the semantics. Run it under ``torchrun`` for DDP (``fsdp=True``: FSDP2).
     Bad input raises ValueError / TypeError / FileNotFoundError before the first step.
     """
-    try:
-        opts = TrainOptions(**options)
-    except (ValueError, TypeError) as e:
-        e.before_training = True
-        raise
+    opts = TrainOptions(**options)
     ctx = Distributed.from_env(opts.device)
     try:
-        try:
-            run = _Run(opts, ctx)
-        except (ValueError, TypeError, OSError) as e:
-            e.before_training = True  # bad input: the command line prints the message alone (exit status 2)
-            raise
-        return run.run()
+        return _Run(opts, ctx).run()
     finally:
         ctx.close()
 
