@@ -45,18 +45,23 @@ def _step(i):
     return i["step"]([i["batch"]], [i["terms"]])
 
 
-register(Case(
-    "train_loop_bloom560m_b2_n2048", setup=lm.train_setup, bound="compute", flops=cases_bloom._train_flops,
-    gpu_shape={**cases_bloom._SHAPE_560M, "B": 2, "N": 2048}, cpu_shape={**cases_bloom._TINY, "B": 2, "N": 32},
-    tokens=lambda s: s["B"] * s["N"],
-    impls=_loop_impls(cases_bloom._make_model, "hf_eager", "tritonformers train's step, BloomForCausalLM",
-                      "the same step around transformers' BloomForCausalLM"),
-    description="tritonformers train's optimizer step (float32 weights, autocast, clipping, AdamW, schedule)"))
+def _loop_case(name: str, family, make_model, gpu_shape: dict, cpu_shape: dict, model_class: str,
+               baseline: str) -> Case:
+    """A loop case at a family case module's shapes, with its FLOP count and model builder."""
+    hf = f"transformers' {model_class}" + (" (sdpa)" if baseline == "hf_sdpa" else "")
+    return Case(name, setup=lm.train_setup, bound="compute", flops=family._train_flops, gpu_shape=gpu_shape,
+                cpu_shape=cpu_shape, tokens=lambda s: s["B"] * s["N"],
+                impls=_loop_impls(make_model, baseline, f"tritonformers train's step, {model_class}",
+                                  f"the same step around {hf}"),
+                description="tritonformers train's optimizer step (float32 weights, autocast, clipping, AdamW, "
+                            "schedule)")
 
-register(Case(
-    "train_loop_diffllama1b_b1_n4096", setup=lm.train_setup, bound="compute", flops=cases_diffllama._train_flops,
-    gpu_shape={**cases_diffllama._SHAPE_1B, "B": 1, "N": 4096}, cpu_shape={**cases_diffllama._TINY, "B": 1, "N": 32},
-    tokens=lambda s: s["B"] * s["N"],
-    impls=_loop_impls(cases_diffllama._model, "hf_sdpa", "tritonformers train's step, DiffLlamaForCausalLM",
-                      "the same step around transformers' DiffLlamaForCausalLM (sdpa)"),
-    description="tritonformers train's optimizer step (float32 weights, autocast, clipping, AdamW, schedule)"))
+
+register(
+    _loop_case("train_loop_bloom560m_b2_n2048", cases_bloom, cases_bloom._make_model,
+               {**cases_bloom._SHAPE_560M, "B": 2, "N": 2048}, {**cases_bloom._TINY, "B": 2, "N": 32},
+               "BloomForCausalLM", "hf_eager"),
+    _loop_case("train_loop_diffllama1b_b1_n4096", cases_diffllama, cases_diffllama._model,
+               {**cases_diffllama._SHAPE_1B, "B": 1, "N": 4096}, {**cases_diffllama._TINY, "B": 1, "N": 32},
+               "DiffLlamaForCausalLM", "hf_sdpa"),
+)
