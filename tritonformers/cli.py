@@ -326,7 +326,13 @@ def _add_translate(subparsers) -> None:
     add_parser(subparsers)
 
 
-SUBCOMMANDS = [_add_bench, _add_generate, _add_translate]  # translate: tritonformers/translate.py
+def _add_train(subparsers) -> None:
+    from .training.cli import add_parser  # the flags live with the training package; argparse only, no torch
+
+    add_parser(subparsers)
+
+
+SUBCOMMANDS = [_add_bench, _add_generate, _add_translate, _add_train]  # translate: tritonformers/translate.py
 
 
 def build_parser() -> argparse.ArgumentParser:
