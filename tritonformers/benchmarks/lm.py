@@ -14,7 +14,7 @@ import torch
 from .registry import OURS, Impl
 
 # why the training impls are timed but not checked (shown as "not compared (...)" in the results)
-TRAIN_NOT_COMPARED = "a training step: it updates the weights in place, so each call starts from other weights"
+TRAIN_NOT_COMPARED = "a training step: it updates the weights in place"
 
 
 def train_setup(shape, dtype, device) -> dict:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 from datetime import datetime
 from typing import Any, Callable
 
@@ -214,7 +215,7 @@ def _case_groups(rows: list[dict]) -> list[list[dict]]:
 def _bar(ours: dict, row: dict) -> Bar:
     compared = not (row.get("check_note") or "").startswith("not compared")
     if row.get("skipped"):
-        return Bar(row["impl"], None, None, compared, f"skipped ({row['skipped']})")
+        return Bar(row["impl"], None, None, compared, f"skipped: {row['skipped']}")
     if row.get("error"):
         return Bar(row["impl"], None, None, compared, "error")
     entry = (ours.get("speedup") or {}).get(row["impl"]) or {}
@@ -248,7 +249,7 @@ def speedup_panels(data: dict) -> list[Panel]:
 
 def _draw_panel(ax, panel: Panel, slots: int) -> None:
     """Horizontal log-scale bars from 1x to each peer's speed-up, a line at 1x, the value at the bar's end."""
-    import textwrap
+    from matplotlib.transforms import blended_transform_factory
 
     # the shape line of an LM case is long: two lines of at most 46 characters fit a 4-inch panel
     shape = textwrap.fill(textwrap.shorten(panel.subtitle, 92, placeholder=" ..."), 46)
@@ -262,9 +263,11 @@ def _draw_panel(ax, panel: Panel, slots: int) -> None:
     ratios = [b.ratio for b in panel.bars if b.ratio is not None]
     lo, hi = min(ratios + [1.0]) / 1.5, max(ratios + [1.0]) * 3  # room for the value labels right of the bars
     bases = {b.basis for b in panel.bars if b.basis}
+    right_edge = blended_transform_factory(ax.transAxes, ax.transData)  # x in axes fractions, y in bar slots
     for y, bar in enumerate(panel.bars):
-        if bar.ratio is None:
-            ax.text(1.05, y, bar.why, va="center", ha="left", fontsize=8, color=_MISSING)
+        if bar.ratio is None:  # no bar: why, at the right edge inside the panel
+            ax.text(0.97, y, bar.why, transform=right_edge, va="center", ha="right", fontsize=8, color=_MISSING,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # readable over the 1x line
             continue
         color = _FASTER if bar.ratio >= 1 else _SLOWER
         ax.barh(y, bar.ratio - 1.0, left=1.0, height=0.6, color=color)
