@@ -156,7 +156,8 @@ def markdown(data: dict) -> str:
     lines = [f"### Benchmarks: {data['device']}", "",
              f"torch {data['torch']}, triton {data['triton']}, transformers {data['transformers']}, {data['date']}. "
              f"Ceilings: copy {fmt(c.get('copy_tbps'))} TB/s, bf16 matmul {fmt(c.get('bf16_tflops'))} TFLOP/s. "
-             f"Shapes: {data.get('shapes') or 'not recorded'}. Timing: {data['timing']}. Rates and % of ceiling are for fwd+bwd where timed; "
+             f"Shapes: {data.get('shapes') or 'not recorded'}. Timing: {data['timing']}. "
+             "Rates and % of ceiling are for fwd+bwd where timed; "
              "speed-up = baseline time / ours (fwd+bwd), mem = baseline peak / ours.", ""]
     if data.get("note"):
         lines += [f"> **{data['note']}**", ""]
@@ -248,7 +249,8 @@ def speedup_panels(data: dict) -> list[Panel]:
 
 
 def _draw_panel(ax, panel: Panel, slots: int) -> None:
-    """Horizontal log-scale bars from 1x to each peer's speed-up, a line at 1x, the value at the bar's end."""
+    """Horizontal log-scale bars from 1x to each peer's speed-up, a line at 1x, the value at the bar's end;
+    ``slots`` bar positions at least, so bars are equally thick in every panel."""
     from matplotlib.transforms import blended_transform_factory
 
     # the shape line of an LM case is long: two lines of at most 46 characters fit a 4-inch panel
@@ -277,39 +279,34 @@ def _draw_panel(ax, panel: Panel, slots: int) -> None:
     if panel.bars:
         ax.set_yticks(range(len(panel.bars)))
         ax.set_yticklabels([b.peer + ("" if b.compared else " *") for b in panel.bars], fontsize=9)
-        ax.set_ylim(max(len(panel.bars), slots) - 0.5, -0.5)  # first peer on top; bars equally thick everywhere
+        ax.set_ylim(max(len(panel.bars), slots) - 0.5, -0.5)  # first peer on top
         ax.set_xlim(lo, hi)
         ax.set_xlabel(f"speed-up, {'/'.join(sorted(bases)) or '-'} (ours {fmt(panel.ours_ms)} ms)", fontsize=8)
-    ticks = [t for t in _TICKS if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-    ax.xaxis.set_major_locator(_fixed_locator(ticks))
-    ax.xaxis.set_minor_locator(_fixed_locator([]))
-    ax.xaxis.set_major_formatter(_times_formatter())
+    _times_axis(ax)
+
+
+def _times_axis(ax) -> None:
+    """x ticks at 1-2-5 steps labelled ``2x``, inside the limits (log axes default to decades only)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_locator(FixedLocator([t for t in _TICKS if lo <= t <= hi]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.tick_params(axis="x", labelsize=8)
-
-
-def _fixed_locator(ticks):
-    from matplotlib.ticker import FixedLocator
-    return FixedLocator(ticks)
-
-
-def _times_formatter():
-    from matplotlib.ticker import FuncFormatter
-    return FuncFormatter(lambda v, _: f"{v:g}x")
 
 
 def speedup_figure(data: dict):
     """The matplotlib figure of :func:`speedup_panels`: a grid of :data:`PLOT_COLUMNS` panels per row."""
-    import math as _math
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = speedup_panels(data)
     cols = min(PLOT_COLUMNS, len(panels))
-    rows = _math.ceil(len(panels) / cols)
+    rows = math.ceil(len(panels) / cols)
     most = max([len(p.bars) for p in panels] + [1])
-    panel_h = 1.5 + 0.3 * most  # title and axis, then one bar height per peer of the fullest panel
+    panel_h = 1.4 + 0.28 * most  # title and axis, then one bar height per peer of the fullest panel
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, panel_h * rows + 1.2), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         _draw_panel(ax, panel, slots=min(most, 3))
