@@ -652,7 +652,9 @@ def _lsh_setup(ctx, inputs, output):
 def _lsh_bwd(ctx, dout, *_):
     qk, v, perm, kpm, o_r, lse_r = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:2])
-    grads = torch.ops.tritonformers.lsh_attention_backward(dout, qk, v, perm, kpm, o_r, lse_r, *ctx.options, needs)
+    # contiguous: the kernel's combine backward assumes a unit stride on D (a .sum() gives an expanded dout)
+    grads = torch.ops.tritonformers.lsh_attention_backward(dout.contiguous(), qk, v, perm, kpm, o_r, lse_r,
+                                                           *ctx.options, needs)
     return (*_needed(grads, needs), *(None,) * 9)
 
 
