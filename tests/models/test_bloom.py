@@ -9,7 +9,6 @@ write 0 there; specs/bloom.md §12.7). Generation parity is in tests/models/test
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -19,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import BloomConfig as HFBloomConfig  # noqa: E402
 
 from tests.helpers import transformers_version  # noqa: E402
-from tests.models.common import TOL, close, lm_inputs, lm_labels  # noqa: E402
+from tests.models.common import (TOL, assert_both_cache_spellings_work, assert_forward_arguments_match_hf,  # noqa: E402
+                                 assert_output_fields_match_hf, close, lm_inputs, lm_labels)
 from tritonformers import runtime  # noqa: E402
 from tritonformers.models import bloom as tb  # noqa: E402
 from tritonformers.models.generation import KVCache  # noqa: E402
@@ -174,10 +174,10 @@ def test_base_model_matches_hf_and_outputs_behave_like_hf(checkpoint):
         got = ours(ids, attention_mask=mask)
         tup = ours(ids, attention_mask=mask, return_dict=False, use_cache=False, output_hidden_states=True)
     close(got.last_hidden_state, want.last_hidden_state, mask)
-    assert isinstance(got.past_key_values, KVCache) and got.past_key_values.get_seq_length() == ids.shape[1]
-    keys, values = got.past_key_values[0]
+    assert isinstance(got.cache, KVCache) and got.cache.get_seq_length() == ids.shape[1]
+    keys, values = got.cache[0]
     assert keys.shape == values.shape == (2, 6, ids.shape[1], 8)
-    assert list(got.keys()) == ["last_hidden_state", "past_key_values"]
+    assert list(got.keys()) == ["last_hidden_state", "cache"]
     assert got["last_hidden_state"] is got[0] is got.last_hidden_state
     with pytest.raises(KeyError):
         got["attentions"]
@@ -272,7 +272,7 @@ def test_training_step_loss_and_grads_match_hf(checkpoint, name):
         want.loss.backward()
     finally:
         hf.eval()
-    assert got.logits is None and got.past_key_values is None
+    assert got.logits is None and got.cache is None
     close(got.loss, want.loss)
     own = dict(ours.named_parameters(remove_duplicate=False))
     theirs = dict(hf.named_parameters(remove_duplicate=False))
@@ -295,7 +295,7 @@ def test_gradient_checkpointing_gives_the_same_grads(checkpoint):
         with runtime.use_backend("torch"):
             out = model(ids, attention_mask=mask, labels=labels, use_cache=True)
             out.loss.backward()
-        assert out.past_key_values is None or not recompute
+        assert out.cache is None or not recompute
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -318,7 +318,7 @@ def test_inputs_embeds_and_bad_inputs(checkpoint):
         with pytest.raises(ValueError, match="shape"):
             ours(ids, attention_mask=mask[:, 1:])
         with pytest.raises(TypeError, match="KVCache"):
-            ours(ids, past_key_values=transformers.DynamicCache())
+            ours(ids, cache=transformers.DynamicCache())
 
 
 def test_tuple_outputs_match_hf_layout(checkpoint):
@@ -432,8 +432,8 @@ def _decode_in_steps(model, ids, mask, splits):
     """Logits of each chunk fed through one growing cache, concatenated."""
     cache, out = None, []
     for lo, hi in zip(splits[:-1], splits[1:]):
-        o = model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
-        cache = o.past_key_values
+        o = model(ids[:, lo:hi], attention_mask=mask[:, :hi], cache=cache, use_cache=True)
+        cache = o.cache
         out.append(o.logits)
     return torch.cat(out, dim=1), cache
 
@@ -459,8 +459,8 @@ def test_cache_beam_reorder(checkpoint):
     order = torch.tensor([2, 0, 0])
     with torch.no_grad(), runtime.use_backend("torch"):
         o = ours(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        o.past_key_values.reorder_cache(order)
-        step = ours(ids[order, 6:], attention_mask=mask[order], past_key_values=o.past_key_values).logits
+        o.cache.reorder_cache(order)
+        step = ours(ids[order, 6:], attention_mask=mask[order], cache=o.cache).logits
         want = hf(ids[order], attention_mask=mask[order]).logits[:, 6:]
     close(step, want)
 
@@ -573,8 +573,17 @@ def test_cuda_half_precision_matches_hf(checkpoint, dtype):
 
 
 def test_output_dataclasses_have_hf_field_names():
-    outputs = transformers.modeling_outputs
-    for name in ("BaseModelOutputWithPastAndCrossAttentions", "CausalLMOutputWithCrossAttentions",
-                 "SequenceClassifierOutputWithPast", "TokenClassifierOutput", "QuestionAnsweringModelOutput"):
-        ours, theirs = getattr(tb, name), getattr(outputs, name)
-        assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(theirs)], name
+    assert_output_fields_match_hf(tb, ("BaseModelOutputWithPastAndCrossAttentions", "CausalLMOutputWithCrossAttentions",
+                                       "SequenceClassifierOutputWithPast", "TokenClassifierOutput",
+                                       "QuestionAnsweringModelOutput"))
+
+
+def test_forward_arguments_follow_hf():
+    assert_forward_arguments_match_hf(tb, "Bloom")
+
+
+def test_cache_and_its_deprecated_name(checkpoint):
+    _, path = checkpoint("h6")
+    ids, _ = inputs(96, None)
+    with runtime.use_backend("torch"):
+        assert_both_cache_spellings_work(tb.BloomForCausalLM.from_pretrained(path), ids)

@@ -21,7 +21,8 @@ from transformers import DiffLlamaConfig as HFConfig  # noqa: E402
 from transformers.models.diffllama.modeling_diffllama import DiffLlamaRotaryEmbedding as HFRotary  # noqa: E402
 
 from tests.helpers import transformers_version  # noqa: E402
-from tests.models.common import close, lm_inputs, lm_labels  # noqa: E402
+from tests.models.common import (assert_both_cache_spellings_work, assert_forward_arguments_match_hf,  # noqa: E402
+                                 assert_output_fields_match_hf, close, lm_inputs, lm_labels)
 from tritonformers import runtime  # noqa: E402
 from tritonformers.models import diffllama as td  # noqa: E402
 from tritonformers.models import rope  # noqa: E402
@@ -220,10 +221,10 @@ def test_base_model_outputs_behave_like_hf(checkpoint):
         emb = ours(inputs_embeds=ours.embed_tokens(ids), attention_mask=mask).last_hidden_state
     close(got.last_hidden_state, want.last_hidden_state, mask)
     close(emb, want.last_hidden_state, mask)
-    assert isinstance(got.past_key_values, KVCache) and got.past_key_values.get_seq_length() == ids.shape[1]
-    keys, values = got.past_key_values[0]
+    assert isinstance(got.cache, KVCache) and got.cache.get_seq_length() == ids.shape[1]
+    keys, values = got.cache[0]
     assert keys.shape == values.shape == (2, 2, ids.shape[1], 16)
-    assert list(got.keys()) == ["last_hidden_state", "past_key_values"]
+    assert list(got.keys()) == ["last_hidden_state", "cache"]
     assert got["last_hidden_state"] is got[0] is got.last_hidden_state
     with pytest.raises(KeyError):
         got["attentions"]
@@ -259,7 +260,7 @@ def test_training_step_loss_and_grads_match_hf(checkpoint):
         got = ours(ids, attention_mask=mask, labels=labels)
     want = hf(ids, attention_mask=mask, labels=labels)
     hf.eval()
-    assert got.logits is None and got.past_key_values is None  # fused loss; no cache in training mode
+    assert got.logits is None and got.cache is None  # fused loss; no cache in training mode
     close(got.loss, want.loss)
     got.loss.backward()
     want.loss.backward()
@@ -344,7 +345,7 @@ def test_inputs_are_checked(checkpoint):
     with pytest.raises(ValueError, match="2-D"):
         ours(ids, attention_mask=mask[:, None, None, :])
     with pytest.raises(TypeError, match="KVCache"):
-        ours(ids, past_key_values=((None, None),))
+        ours(ids, cache=((None, None),))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,8 +362,8 @@ def test_incremental_and_chunked_decoding_match_full_forward(checkpoint, padding
         full = ours(ids, attention_mask=mask).logits
         cache, out = None, []
         for lo, hi in zip([0, 4, 5, 6, 9], [4, 5, 6, 9, 12]):  # prefill, two single tokens, chunks
-            o = ours(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
+            o = ours(ids[:, lo:hi], attention_mask=mask[:, :hi], cache=cache, use_cache=True)
+            cache = o.cache
             out.append(o.logits)
     close(full, want, mask)
     close(torch.cat(out, dim=1), full, mask)
@@ -429,7 +430,7 @@ def test_triton_cached_decoding_matches_hf(checkpoint):
     with torch.no_grad(), runtime.use_backend("triton"):
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=3)  # prefill, then full-capacity steps
         first = ours(ids[:, :3], attention_mask=mask[:, :3], use_cache=True)
-        second = ours(ids[:, 3:], attention_mask=mask, past_key_values=first.past_key_values)  # 2 queries, 5 keys
+        second = ours(ids[:, 3:], attention_mask=mask, cache=first.cache)  # 2 queries, 5 keys
     assert torch.equal(got, hf.generate(ids, attention_mask=mask, max_new_tokens=3))
     with torch.no_grad():
         want = hf(ids, attention_mask=mask).logits
@@ -468,10 +469,18 @@ def test_gradient_checkpointing_gives_the_same_grads(checkpoint):
 
 
 def test_output_dataclasses_have_hf_field_names():
-    outputs = transformers.modeling_outputs
-    for name in ("BaseModelOutputWithPast", "CausalLMOutputWithPast"):
-        ours, theirs = getattr(td, name), getattr(outputs, name)
-        assert [f.name for f in ours.__dataclass_fields__.values()] == list(theirs.__dataclass_fields__), name
+    assert_output_fields_match_hf(td, ("BaseModelOutputWithPast", "CausalLMOutputWithPast"))
+
+
+def test_forward_arguments_follow_hf():
+    assert_forward_arguments_match_hf(td, "DiffLlama")
+
+
+def test_cache_and_its_deprecated_name(checkpoint):
+    _, path = checkpoint("gqa2")
+    ids, _ = inputs(BASE["vocab_size"], None, length=7)
+    with runtime.use_backend("torch"):
+        assert_both_cache_spellings_work(td.DiffLlamaForCausalLM.from_pretrained(path), ids)
 
 
 def test_dynamic_rope_refuses_cuda_graph_generation(checkpoint):

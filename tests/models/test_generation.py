@@ -99,7 +99,7 @@ def test_beam_search_matches_hf(models, seed, params):
         kwargs["max_new_tokens"] = 8
     want = hf.generate(ids, do_sample=False, return_dict_in_generate=True, output_scores=True, **kwargs)
     got = ours_generate(ours, ids, return_dict_in_generate=True, **kwargs)
-    assert isinstance(got, GenerateOutput) and isinstance(got.past_key_values, KVCache)
+    assert isinstance(got, GenerateOutput) and isinstance(got.cache, KVCache)
     assert torch.equal(got.sequences, want.sequences), f"\n{got.sequences}\n{want.sequences}"
     torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-5, rtol=1e-5)
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from tritonformers import runtime
 from tritonformers.models import ibert as ib
+from tests.models.common import assert_forward_arguments_match_hf, assert_output_fields_match_hf  # noqa: E402
 
 B, N, VOCAB = 3, 12, 100
 HEADS = ["IBertModel", "IBertForMaskedLM", "IBertForSequenceClassification", "IBertForMultipleChoice",
@@ -473,3 +474,9 @@ def test_triton_path_smoke(tmp_path_factory):
     with torch.no_grad(), runtime.use_backend("triton"):
         got = ours(**kw).logits
     torch.testing.assert_close(got, hf(**kw).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_output_dataclasses_and_forward_arguments_follow_hf():
+    assert_output_fields_match_hf(ib, ("BaseModelOutputWithPoolingAndCrossAttentions", "MaskedLMOutput",
+                                       "SequenceClassifierOutput", "MultipleChoiceModelOutput"))
+    assert_forward_arguments_match_hf(ib, "IBert")

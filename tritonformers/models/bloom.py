@@ -36,7 +36,7 @@ from .outputs import (BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputW
                       QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput)
 from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
 from .outputs import keep_logits as _keep_logits, last_token_states as _last_token_states, on_device as _on
-from .outputs import returned as _returned
+from .outputs import cache_argument, returned as _returned
 from .loading import ConfigBase, PreTrainedMixin
 
 __all__ = [
@@ -179,13 +179,13 @@ class BloomPreTrainedModel(PreTrainedMixin, nn.Module):
 class BloomModel(BloomPreTrainedModel):
     """The bare BLOOM transformer: embeddings, embedding LayerNorm, ``n_layer`` blocks, ``ln_f``.
 
-    ``forward(input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=None,
+    ``forward(input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, use_cache=None,
     output_attentions=None, output_hidden_states=None, return_dict=None)`` as HF's: input_ids [B, T] (or
-    inputs_embeds [B, T, H]), attention_mask [B, past + T] (1 = real token), ``past_key_values`` a
-    :class:`KVCache` (updated in place and returned). ``use_cache`` defaults to ``config.use_cache`` in eval
-    mode and to False in training mode (a cache is useless there and would copy every K/V). Returns
-    :class:`BaseModelOutputWithPastAndCrossAttentions`; ``hidden_states`` has ``n_layer + 1`` entries, the
-    last after ``ln_f`` (HF's). Only the 2-D mask is accepted (BLOOM's ALiBi needs it).
+    inputs_embeds [B, T, H]), attention_mask [B, past + T] (1 = real token), ``cache`` a
+    :class:`KVCache` (updated in place and returned; ``past_key_values=``, its pre-5.25 name, still works).
+    ``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training mode (a cache is
+    useless there and would copy every K/V). Returns :class:`BaseModelOutputWithPastAndCrossAttentions`;
+    ``hidden_states`` has ``n_layer + 1`` entries, the last after ``ln_f`` (HF's). Only the 2-D mask is accepted (BLOOM's ALiBi needs it).
     """
 
     def __init__(self, config: BloomConfig):
@@ -212,7 +212,7 @@ class BloomModel(BloomPreTrainedModel):
                        dtype=self.word_embeddings.weight.dtype, device=self.word_embeddings.weight.device,
                        growable=growable)
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None,
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         cfg = self.config
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
@@ -226,9 +226,9 @@ class BloomModel(BloomPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         B, T = inputs_embeds.shape[:2]
-        cache = past_key_values
+        cache = cache_argument(cache, kwargs)
         if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be a tritonformers KVCache (from an earlier call with "
+            raise TypeError(f"cache must be a tritonformers KVCache (from an earlier call with "
                             f"use_cache=True or model.new_cache), got {type(cache).__name__}")
         if cache is None and use_cache:
             cache = self.new_cache(B, T, growable=True)
@@ -291,7 +291,7 @@ def _check_attention_mask(mask, batch: int, length: int):
 class BloomForCausalLM(GenerationMixin, BloomPreTrainedModel):
     """BLOOM with its (tied) LM head, HF's ``BloomForCausalLM``, plus ``generate``.
 
-    ``forward(input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
+    ``forward(input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, labels=None,
     use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
     num_items_in_batch=None, shift_labels=None, ignore_index=-100)`` -> :class:`CausalLMOutputWithCrossAttentions`.
     The loss is HF's ``ForCausalLMLoss`` (labels shifted inside; mean, or sum / ``num_items_in_batch``).
@@ -318,11 +318,12 @@ class BloomForCausalLM(GenerationMixin, BloomPreTrainedModel):
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.lm_head = embeddings
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 logits_to_keep=0, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(input_ids, past_key_values, attention_mask, inputs_embeds, use_cache,
+        cache = cache_argument(cache, kwargs)
+        base = self.transformer(input_ids, cache, attention_mask, inputs_embeds, use_cache,
                                 output_attentions, output_hidden_states, return_dict=True)
         hidden = _keep_logits(base.last_hidden_state, logits_to_keep)
         loss = logits = None
@@ -332,7 +333,7 @@ class BloomForCausalLM(GenerationMixin, BloomPreTrainedModel):
             logits = self.lm_head(hidden)
             if labels is not None:
                 loss = self._loss(logits, labels, **kwargs)
-        out = CausalLMOutputWithCrossAttentions(loss, logits, base.past_key_values, base.hidden_states,
+        out = CausalLMOutputWithCrossAttentions(loss, logits, base.cache, base.hidden_states,
                                                 base.attentions)
         return _returned(out, return_dict)
 
@@ -376,15 +377,16 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self._post_init()
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(input_ids, past_key_values, attention_mask, inputs_embeds, use_cache,
+        cache = cache_argument(cache, kwargs)
+        base = self.transformer(input_ids, cache, attention_mask, inputs_embeds, use_cache,
                                 output_attentions, output_hidden_states, return_dict=True)
         hidden = base.last_hidden_state
         pooled = self.score(_last_token_states(hidden, input_ids, self.config.pad_token_id, type(self).__name__))
         loss = _classification_loss(self.config, pooled, labels.to(pooled.device)) if labels is not None else None
-        out = SequenceClassifierOutputWithPast(loss, pooled, base.past_key_values, base.hidden_states,
+        out = SequenceClassifierOutputWithPast(loss, pooled, base.cache, base.hidden_states,
                                                base.attentions)
         return _returned(out, return_dict)
 
@@ -408,10 +410,11 @@ class BloomForTokenClassification(BloomPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self._post_init()
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
+    def forward(self, input_ids=None, cache=None, attention_mask=None, inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(input_ids, past_key_values, attention_mask, inputs_embeds, use_cache,
+        cache = cache_argument(cache, kwargs)
+        base = self.transformer(input_ids, cache, attention_mask, inputs_embeds, use_cache,
                                 output_attentions, output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(base.last_hidden_state))
         loss = None

@@ -21,7 +21,8 @@ Differences from HF, on purpose:
 
 * padded query rows (left padding) give attention output 0 where HF's eager averages every key; valid
   positions are unaffected, so compare those only (specs/diffllama.md §6);
-* ``past_key_values`` is a tritonformers ``KVCache`` (static, preallocated), not an HF ``Cache``;
+* ``cache`` (``past_key_values`` before transformers 5.25) is a tritonformers ``KVCache`` (static,
+  preallocated), not an HF ``Cache``;
   ``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training mode;
 * ``generate`` derives each step's position from the running mask (``sum(mask) - 1``), which equals HF's
   ``last position + 1`` for left padding (the supported layout for decoder-only generation);
@@ -46,7 +47,7 @@ from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionA
                       SequenceClassifierOutputWithPast, TokenClassifierOutput)
 from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
 from .outputs import keep_logits as _keep_logits, last_token_states as _last_token_states, on_device as _on
-from .outputs import returned as _returned
+from .outputs import cache_argument, returned as _returned
 from .generation import GenerationConfig, GenerationMixin, KVCache
 from .loading import ConfigBase, PreTrainedMixin
 from .rope import RotaryEmbedding, standardize_rope_parameters
@@ -147,7 +148,7 @@ class DiffLlamaAttention(DifferentialAttention):
     path the model needs.
 
     ``forward(hidden_states [B, N, E], position_embeddings (cos, sin) [B or 1, N, D], attention_mask=None,
-    past_key_values=None, kv_length=None, segments=None, allowed=None)`` -> ``(out [B, N, E], probs or None)``:
+    cache=None, kv_length=None, segments=None, allowed=None)`` -> ``(out [B, N, E], probs or None)``:
 
     * no cache: causal differential attention over the N new tokens, ``attention_mask`` [B, N] (1 = real);
     * with a :class:`KVCache` step opened by ``prepare(N)``: the rotated keys and raw values are written at
@@ -165,7 +166,7 @@ class DiffLlamaAttention(DifferentialAttention):
         super().__init__(config, layer_idx)
         self.scaling = self.head_dim ** -0.5
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None,
                 kv_length=None, segments=None, allowed=None, **kwargs):
         B, N, _ = hidden_states.shape
         D = self.head_dim
@@ -173,16 +174,16 @@ class DiffLlamaAttention(DifferentialAttention):
         k = self.k_proj(hidden_states).view(B, N, self.num_key_value_heads, D).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, N, self.num_key_value_heads, D).transpose(1, 2)
         q, k = TF.apply_rotary(q, k, *position_embeddings)
-        if past_key_values is not None:
-            past_key_values.write(self.layer_idx, k, v)
+        if cache is not None:
+            cache.write(self.layer_idx, k, v)
             if kv_length != N:
-                k, v = past_key_values.key_cache[self.layer_idx], past_key_values.value_cache[self.layer_idx]
+                k, v = cache.key_cache[self.layer_idx], cache.value_cache[self.layer_idx]
                 if kv_length is not None:
                     k, v = k[:, :, :kv_length], v[:, :, :kv_length]
         lam = TF.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
-        if past_key_values is not None and kv_length is None and N <= 16 and not torch.is_grad_enabled():
+        if cache is not None and kv_length is None and N <= 16 and not torch.is_grad_enabled():
             # a decode step over the static capacity: the split-K kernel reads only each row's valid keys
-            y = TF.diff_decode_attention(q, k, v, past_key_values.lens, lam, self.lambda_init,
+            y = TF.diff_decode_attention(q, k, v, cache.lens, lam, self.lambda_init,
                                          key_padding_mask=attention_mask, eps=self.eps)
         elif segments is None:
             y = TF.diff_attention(q, k, v, lam, self.lambda_init, causal=True, key_padding_mask=attention_mask,
@@ -224,10 +225,10 @@ class DiffLlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None,
                 kv_length=None, segments=None, allowed=None):
         attn, probs = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                     past_key_values, kv_length, segments, allowed)
+                                     cache, kv_length, segments, allowed)
         hidden_states = hidden_states + attn
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, probs
@@ -334,11 +335,12 @@ class DiffLlamaPreTrainedModel(PreTrainedMixin, nn.Module):
 class DiffLlamaModel(DiffLlamaPreTrainedModel):
     """The bare DiffLlama decoder: ``embed_tokens``, ``num_hidden_layers`` layers, ``norm``, ``rotary_emb``.
 
-    ``forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+    ``forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
     use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None)`` as HF's:
     input_ids [B, N] (or inputs_embeds [B, N, E]); attention_mask [B, past + N] (1 = real token; HF's 2-D
     form); position_ids [B or 1, N] (default ``past + arange(N)``: the mask is not used for positions, as
-    HF); ``past_key_values`` a :class:`KVCache` (updated in place and returned). Packed sequences (explicit
+    HF); ``cache`` a :class:`KVCache` (updated in place and returned; ``past_key_values=``, its pre-5.25
+    name, still works). Packed sequences (explicit
     position_ids that restart, no mask, no cache) attend block-diagonally, as HF's.
 
     Returns :class:`BaseModelOutputWithPast`; ``hidden_states`` has L + 1 entries, the last after the final
@@ -375,7 +377,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         return KVCache(len(self.layers), batch_size, self.config.num_key_value_heads, self.config.head_dim,
                        capacity, dtype=w.dtype, device=w.device, growable=growable)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         cfg = self.config
@@ -387,13 +389,13 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, N = inputs_embeds.shape[:2]
-        hf_cache = past_key_values is not None or (cfg.use_cache if use_cache is None else use_cache)
+        cache = cache_argument(cache, kwargs)
+        hf_cache = cache is not None or (cfg.use_cache if use_cache is None else use_cache)
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a recomputed layer would write its keys twice
-        cache = past_key_values
         if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be a tritonformers KVCache (from an earlier call with "
+            raise TypeError(f"cache must be a tritonformers KVCache (from an earlier call with "
                             f"use_cache=True or model.new_cache), got {type(cache).__name__}")
         if cache is None and use_cache:
             cache = self.new_cache(B, N, growable=True)
@@ -450,7 +452,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
 class DiffLlamaForCausalLM(GenerationMixin, DiffLlamaPreTrainedModel):
     """DiffLlama with its LM head (HF's ``DiffLlamaForCausalLM``), plus ``generate``.
 
-    ``forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+    ``forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
     labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
     logits_to_keep=0, num_items_in_batch=None, shift_labels=None, ignore_index=-100)`` ->
     :class:`CausalLMOutputWithPast`. ``logits_to_keep`` slices before ``lm_head`` (HF's rules). The loss is
@@ -495,11 +497,12 @@ class DiffLlamaForCausalLM(GenerationMixin, DiffLlamaPreTrainedModel):
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.lm_head = embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, logits_to_keep=0, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+        cache = cache_argument(cache, kwargs)
+        base = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
                           output_attentions, output_hidden_states, return_dict=True)
         hidden = _keep_logits(base.last_hidden_state, logits_to_keep)
         loss = logits = None
@@ -510,7 +513,7 @@ class DiffLlamaForCausalLM(GenerationMixin, DiffLlamaPreTrainedModel):
             logits = self.lm_head(hidden)
             if labels is not None:
                 loss = _lm_loss(logits, labels, _cross_entropy, **kwargs)
-        out = CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states, base.attentions)
+        out = CausalLMOutputWithPast(loss, logits, base.cache, base.hidden_states, base.attentions)
         return _returned(out, return_dict)
 
     # -- the generation protocol (tritonformers.models.generation.CachedDecoderSession)
@@ -561,16 +564,17 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self._post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+        cache = cache_argument(cache, kwargs)
+        base = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
                           output_attentions, output_hidden_states, return_dict=True)
         hidden = base.last_hidden_state
         pooled = self.score(_last_token_states(hidden, input_ids, self.config.pad_token_id))
         loss = _classification_loss(self.config, pooled, labels.to(pooled.device)) if labels is not None else None
-        out = SequenceClassifierOutputWithPast(loss, pooled, base.past_key_values, base.hidden_states,
+        out = SequenceClassifierOutputWithPast(loss, pooled, base.cache, base.hidden_states,
                                                base.attentions)
         return _returned(out, return_dict)
 
@@ -593,11 +597,12 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
                                bias=getattr(config, "token_classification_bias", True))
         self._post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+        cache = cache_argument(cache, kwargs)
+        base = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
                           output_attentions, output_hidden_states, return_dict=True)
         logits = self.score(self.dropout(base.last_hidden_state))
         loss = None
@@ -628,12 +633,13 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
     def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
         self.transformer.embed_tokens = embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                past_key_values is not None, output_attentions, output_hidden_states,
+        cache = cache_argument(cache, kwargs)
+        base = self.transformer(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                cache is not None, output_attentions, output_hidden_states,
                                 return_dict=True)
         logits = self.qa_outputs(base.last_hidden_state)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))

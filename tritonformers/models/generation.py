@@ -66,13 +66,13 @@ class GenerateOutput(ModelOutput):
     ``sequences`` [N, L] int64 as the plain return; ``sequences_scores`` [N] float32 the length-normalised
     beam scores (beam search only; transformers fills it only with ``output_scores=True``, here it is always
     given); ``scores`` the processed float32 scores [N, V] of each step when ``output_scores``;
-    ``past_key_values`` the session's cache.
+    ``cache`` the session's cache (``past_key_values``, its pre-5.25 name, also reads it).
     """
 
     sequences: torch.Tensor = None
     sequences_scores: torch.Tensor | None = None
     scores: tuple | None = None
-    past_key_values: Any = None
+    cache: Any = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -573,7 +573,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             out = _sample(session, cfg, eos, pad, generator)
     if not cfg["return_dict_in_generate"]:
         return out.sequences
-    out.past_key_values = session.cache
+    out.cache = session.cache
     return out
 
 

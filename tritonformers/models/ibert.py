@@ -88,7 +88,7 @@ class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
     last_hidden_state: torch.Tensor = None
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple | None = None
-    past_key_values: object = None
+    cache: object = None
     attentions: tuple | None = None
     cross_attentions: tuple | None = None
 

@@ -3,6 +3,10 @@
 Output classes carry transformers' names and field order and behave like its ``ModelOutput`` (attribute,
 key and index access; ``to_tuple`` drops the fields that are None). The helpers are HF's head rules:
 ``logits_to_keep`` selection, the causal-LM label shift, the sequence-classification losses.
+
+Cache naming follows transformers >= 5.25: the forward argument and the output field are ``cache``; the older
+``past_key_values`` still works (a keyword argument through :func:`cache_argument`, a read-only attribute on
+outputs), with a deprecation warning, as transformers does.
 """
 
 from __future__ import annotations
@@ -15,13 +19,39 @@ import torch
 import torch.nn.functional as F
 
 
+def _warn_past_key_values() -> None:
+    # Python's default filter shows a FutureWarning once per calling line, as transformers' warning_once does.
+    warnings.warn("`past_key_values` is deprecated (transformers 5.25 renamed it): use `cache` instead",
+                  FutureWarning, stacklevel=3)
+
+
+def cache_argument(cache, kwargs: dict):
+    """The cache a forward was given: ``cache=``, or the deprecated ``past_key_values=`` popped from its
+    ``**kwargs`` (with a FutureWarning). Both at once is an error naming them."""
+    if "past_key_values" not in kwargs:
+        return cache
+    old = kwargs.pop("past_key_values")
+    if cache is not None:
+        raise ValueError("pass either `cache` or `past_key_values` (its deprecated name), not both")
+    _warn_past_key_values()
+    return old
+
+
 class ModelOutput:
     """Base of the output dataclasses, behaving like transformers' ``ModelOutput``.
 
     Fields are attributes; ``out["logits"]`` reads one (KeyError when it is None), ``out[i]`` / ``out[a:b]``
     index :meth:`to_tuple` (the fields that are not None, in order), and ``keys()``/``values()``/
     ``items()``/``in``/iteration see the non-None fields only, as HF's dict-based outputs do.
+    ``past_key_values`` reads the ``cache`` field under its deprecated name.
     """
+
+    @property
+    def past_key_values(self):
+        if not any(f.name == "cache" for f in dataclasses.fields(self)):
+            raise AttributeError(f"{type(self).__name__} has no cache")
+        _warn_past_key_values()
+        return self.cache
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
@@ -55,7 +85,7 @@ class ModelOutput:
 @dataclasses.dataclass(eq=False)
 class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
     last_hidden_state: torch.Tensor = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     cross_attentions: tuple | None = None
@@ -65,7 +95,7 @@ class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
 class CausalLMOutputWithCrossAttentions(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     cross_attentions: tuple | None = None
@@ -75,7 +105,7 @@ class CausalLMOutputWithCrossAttentions(ModelOutput):
 class SequenceClassifierOutputWithPast(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
@@ -104,7 +134,7 @@ def returned(output: ModelOutput, return_dict: bool):
 @dataclasses.dataclass(eq=False)
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.Tensor = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
@@ -113,7 +143,7 @@ class BaseModelOutputWithPast(ModelOutput):
 class CausalLMOutputWithPast(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 

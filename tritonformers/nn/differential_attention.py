@@ -43,9 +43,9 @@ class DifferentialAttention(nn.Module):
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.normal(0, std, size=(self.head_dim,))))
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            raise ValueError("past_key_values: cached decoding is served by the DiffLlama model "
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        if cache is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("cache: cached decoding is served by the DiffLlama model "
                              "(tritonformers.models.diffllama), not by this module on its own")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be the 2-D [batch, keys] padding mask (1 = real token), "
