@@ -185,14 +185,7 @@ def test_triton_kernels_smoke(bloom_dir, corpus, work):
     np.testing.assert_allclose(losses["triton"], losses["torch"], rtol=1e-4)
 
 
-# Every family's model rejects autocast's mixed dtypes today (layer_norm's fused residual and apply_rotary's
-# cos/sin must match x's dtype, while autocast hands them float32 next to a bf16/fp16 activation): strict xfail,
-# so this test fails, and its marker must go, as soon as the kernels accept autocast.
-AUTOCAST_BUG = pytest.mark.xfail(raises=TypeError, strict=True,
-                                 reason="fused residual LayerNorm / rotary reject autocast's mixed dtypes")
-
-
-@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=AUTOCAST_BUG), pytest.param("float16", marks=AUTOCAST_BUG)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_autocast_dtypes_train(dtype, bloom_dir, corpus, work):
     out = str(work / f"autocast-{dtype}")
     with runtime.use_backend("torch"):

@@ -361,9 +361,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
                               (hidden, weight, target, bias, ignore_index, reduction, chunk_size, fn_needs),
                               (*needs[:2], False, needs[2]))
     if reduction == "none":
-        extras = (saved[4], _empty(hidden), _empty(hidden)) if saved else (_empty(hidden),) * 3
+        extras = (saved[4], _empty(hidden), _empty(hidden)) if saved else tuple(_empty(hidden) for _ in range(3))
     else:
-        extras = tuple(_or_empty(g, hidden) for g in saved) if saved else (_empty(hidden),) * 3
+        extras = tuple(_or_empty(g, hidden) for g in saved) if saved else tuple(_empty(hidden) for _ in range(3))
     return (loss, *extras)
 
 
@@ -372,7 +372,7 @@ def _(hidden, weight, target, bias, ignore_index, reduction, chunk_size, needs):
     T = hidden.shape[0]
     loss = hidden.new_empty((T,) if reduction == "none" else (), dtype=torch.float32)
     if not any(needs):
-        return (loss, *(_empty(hidden),) * 3)
+        return (loss, *tuple(_empty(hidden) for _ in range(3)))
     if reduction == "none":
         return loss, hidden.new_empty((T,), dtype=torch.float32), _empty(hidden), _empty(hidden)
     grads = [torch.empty_like(t) if (t is not None and need) else _empty(hidden)
@@ -490,7 +490,7 @@ def diff_attention_op(q: Tensor, k: Tensor, v: Tensor, lambda_full: Tensor, lamb
     placeholders unless a gradient is needed (``needs`` for q, k, v, lambda_full)."""
     args = (q, k, v, lambda_full, lambda_init, causal, key_padding_mask, eps, scale)
     out, saved = run_forward(diff_attention.DiffAttentionFunction, args, (*needs, *(False,) * 5))
-    extras = saved[4:8] if saved else (_empty(q),) * 4
+    extras = saved[4:8] if saved else tuple(_empty(q) for _ in range(4))
     return (out, *extras)
 
 
@@ -499,7 +499,7 @@ def _(q, k, v, lambda_full, lambda_init, causal, key_padding_mask, eps, scale, n
     B, H, NQ, D = q.shape
     out = q.new_empty((B, NQ, H // 2, 2 * D))
     if not any(needs):
-        return (out, *(_empty(q),) * 4)
+        return (out, *tuple(_empty(q) for _ in range(4)))
     lse = q.new_empty((B, H // 2, NQ), dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out), lse, torch.empty_like(lse)
 

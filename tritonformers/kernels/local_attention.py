@@ -359,9 +359,8 @@ def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_af
     1); ``causal`` is HF's ``is_decoder``; dropout draws its seed from torch's generator."""
     _validate(q, k, v, chunk_length, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p, scale)
     L = q.shape[2]
-    if L == 0:  # nothing to attend: the empty result (v.clone() keeps it on the autograd graph)
-        out = v.clone()
-        return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
+    if L == 0:
+        return empty_result(q, v, return_lse)
     if L <= chunk_length:  # HF's unchunked path: one chunk of length L, no neighbours
         chunk_length, num_chunks_before, num_chunks_after = L, 0, 0
     if runtime.use_triton(q, op="local_attention"):
@@ -378,6 +377,13 @@ def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_af
                                      num_chunks_after=num_chunks_after, causal=causal,
                                      key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
                                      return_lse=return_lse)
+
+
+def empty_result(q: torch.Tensor, v: torch.Tensor, return_lse: bool):
+    """What a sequence of length 0 gives: out [B, H, 0, D] (a clone of v, so it stays on the autograd graph)
+    and, with ``return_lse``, lse [B, H, 0]."""
+    out = v.clone()
+    return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
 
 
 def look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:

@@ -320,6 +320,14 @@ def auto_num_buckets(sequence_length: int, chunk_length: int, max_position_embed
     return 2**p if 2**p <= limit else [2 ** (p // 2), 2 ** (p - p // 2)]
 
 
+def empty_result(qk: torch.Tensor, v: torch.Tensor, num_hashes: int, return_buckets: bool):
+    """What a sequence of length 0 gives: out [B, H, 0, D] (a clone of v, on the autograd graph) and, with
+    ``return_buckets``, buckets [B, H, num_hashes, 0]."""
+    B, H = qk.shape[:2]
+    buckets = torch.empty((B, H, num_hashes, 0), dtype=torch.long, device=qk.device)
+    return (v.clone(), buckets) if return_buckets else v.clone()
+
+
 def lsh_hash(qk: torch.Tensor, num_hashes: int, num_buckets, attention_mask=None, hash_seed=None) -> torch.Tensor:
     """HF's ``_hash_vectors``: buckets [B, H, num_hashes, L] (int64) with the per-round offsets added.
 
@@ -462,9 +470,8 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     _validate(qk, v, chunk_length, num_hashes, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p,
               buckets)
     B, H, L, D = qk.shape
-    if L == 0:  # nothing to attend: the empty result (v.clone() keeps it on the autograd graph)
-        empty = torch.empty((B, H, num_hashes, 0), dtype=torch.long, device=qk.device)
-        return (v.clone(), empty) if return_buckets else v.clone()
+    if L == 0:
+        return empty_result(qk, v, num_hashes, return_buckets)
     unchunked = L <= chunk_length
     if unchunked:  # HF: plain attention over the whole sequence; no hashing, one "round"
         chunk_length, num_chunks_before, num_chunks_after, num_hashes = L, 0, 0, 1

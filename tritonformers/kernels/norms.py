@@ -475,6 +475,19 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
+def check_residual(x: torch.Tensor, residual: torch.Tensor | None):
+    """(x, residual), checked; two float dtypes (autocast hands a bf16 activation next to a float32
+    residual) are promoted to the wider one first, as ``x + residual`` in torch would."""
+    if residual is None:
+        return x, None
+    runtime.check_tensor(residual, "residual")
+    runtime.check_same_device(x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    wide = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(wide), residual.to(wide)
+
+
 def _check_param(p, name: str, x: torch.Tensor) -> None:
     if p is None:
         return
@@ -501,7 +514,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """LayerNorm over the last dimension, optionally fused with the pre-norm residual add.
 
     ``x`` [..., N] float32/float16/bfloat16; ``weight``/``bias`` [N] or None (no scale / no shift);
-    ``residual`` [..., N] like x or None. Computes s = x + residual (rounded to x's dtype), then
+    ``residual`` [..., N] like x or None (of another float dtype under autocast: both are promoted to the
+    wider one first). Computes s = x + residual (rounded to x's dtype), then
     ``(s - mean) / sqrt(var + eps) * weight + bias`` with the biased variance in float32, output in x's
     dtype, as ``torch.nn.functional.layer_norm``. Returns y, or ``(y, s)`` when a residual is given;
     gradients flow to x, residual, weight and bias (and from both outputs).
@@ -509,12 +523,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _check_input(x)
     _check_param(weight, "weight", x)
     _check_param(bias, "bias", x)
-    if residual is not None:
-        runtime.check_tensor(residual, "residual")
-        runtime.check_same_device(x=x, residual=residual)
-        runtime.check_same_dtype(x=x, residual=residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    x, residual = check_residual(x, residual)
     eps = _check_eps(eps)
     tensors = [t for t in (x, weight, bias, residual) if t is not None]
     if runtime.use_triton(*tensors, op="layer_norm") and _kernel_fits(x, "layer_norm"):

@@ -62,10 +62,7 @@ def _dropout_seed(dropout_p: float) -> int:
 
 def _into(out, value):
     """``value``, or copied into a caller's preallocated ``out`` (an op returns fresh tensors)."""
-    if out is None:
-        return value
-    runtime.check_out(out, "out", value, dtype=value.dtype)
-    return out.copy_(value)
+    return runtime.write_out(out, "out", value)
 
 
 # ---------------------------------------------------------------------------------------------- norms
@@ -77,12 +74,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _norms._check_input(x)
     _norms._check_param(weight, "weight", x)
     _norms._check_param(bias, "bias", x)
-    if residual is not None:
-        runtime.check_tensor(residual, "residual")
-        runtime.check_same_device(x=x, residual=residual)
-        runtime.check_same_dtype(x=x, residual=residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    x, residual = _norms.check_residual(x, residual)
     eps = _norms._check_eps(eps)
     tensors = [t for t in (x, weight, bias, residual) if t is not None]
     if runtime.use_triton(*tensors, op="layer_norm") and _norms._kernel_fits(x, "layer_norm"):
@@ -107,6 +99,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 def gelu(x: torch.Tensor, approximate: str = "none", bias: torch.Tensor | None = None) -> torch.Tensor:
     """GELU of ``x + bias``: "none", "tanh" or "bloom" (:func:`tritonformers.kernels.activations.gelu`)."""
     _act._check_gelu_args(x, approximate, bias)
+    bias = _act.bias_like(x, bias)
     if runtime.use_triton(x, op="gelu"):
         return _tf.gelu(x, bias, approximate)
     return gelu_reference(x, approximate, bias)
@@ -124,6 +117,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  layout: str = "bhnd") -> tuple[torch.Tensor, torch.Tensor]:
     """HF's rotary embedding of q and k (:func:`tritonformers.kernels.rotary.apply_rotary`)."""
     _rotary._check_rotary_args(q, k, cos, sin, layout)
+    cos, sin = _rotary.tables_like(q, cos, sin)
     if runtime.use_triton(q, k, cos, sin, op="apply_rotary"):
         if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
             runtime.unsupported("apply_rotary", "gradients for cos/sin (they are treated as constants)")
@@ -219,6 +213,8 @@ def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_af
     """Reformer local (chunked) attention (:func:`tritonformers.kernels.local_attention.local_attention`)."""
     _local._validate(q, k, v, chunk_length, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p, scale)
     L = q.shape[2]
+    if L == 0:
+        return _local.empty_result(q, v, return_lse)
     if L <= chunk_length:  # HF's unchunked path: one chunk of length L, no neighbours
         chunk_length, num_chunks_before, num_chunks_after = L, 0, 0
     if runtime.use_triton(q, op="local_attention"):
@@ -244,6 +240,8 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     _lsh._validate(qk, v, chunk_length, num_hashes, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p,
                    buckets)
     B, H, L, D = qk.shape
+    if L == 0:
+        return _lsh.empty_result(qk, v, num_hashes, return_buckets)
     if L <= chunk_length:  # HF: plain attention over the whole sequence; no hashing, one "round"
         chunk_length, num_chunks_before, num_chunks_after, num_hashes = L, 0, 0, 1
         buckets = None
