@@ -4,6 +4,8 @@ and clear refusals."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -71,7 +73,7 @@ def test_summary_idempotence_and_restore():
     tritonformers.accelerate(model)
     summary = acc.summary(model)
     assert len(summary.replaced["attention"]) == 2 and len(summary.replaced["norms"]) == 6
-    assert len(summary.replaced["activations"]) == 2 and "loss" in summary.kept
+    assert len(summary.replaced["activations"]) == 2 and not summary.replaced["loss"] and "loss" not in summary.kept
     assert "bloom" in str(summary)
     tritonformers.accelerate(model)  # a second call changes nothing
     assert acc.summary(model) is summary
@@ -87,14 +89,66 @@ def test_options_choose_kinds():
     assert not summary.replaced["attention"] and not summary.replaced["activations"] and summary.replaced["norms"]
 
 
-def test_generate_same_ids():
-    model = MODELS["bloom"]().eval()
-    ids = torch.randint(0, 64, (1, 5))
-    want = model.generate(ids, max_new_tokens=4, do_sample=False)
+@pytest.mark.parametrize("family", ["bloom", "diffllama"])
+def test_generate_same_ids(family):
+    """HF's generate with its DynamicCache (left padding: prefill and decode steps through our kernels)."""
+    model = MODELS[family]().eval()
+    ids = torch.randint(0, 64, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     tritonformers.accelerate(model)
-    with runtime.use_backend("triton"):
-        got = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with runtime.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", acc.HFFallbackWarning)  # every call on our kernels
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["bloom", "diffllama"])
+def test_fused_loss(family, backend):
+    """``loss=True``: a training step's loss and gradients are HF's, without logits (HF always returns them,
+    hence off by default); without gradients the head is HF's, logits included."""
+    model = MODELS[family]().train()  # the tiny configs have no dropout
+    batch, _ = _batch()
+    batch["labels"][1, 5] = -100
+    _, loss, grads = _run(model, batch)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    tritonformers.accelerate(model, attention=False, norms=False, activations=False, loss=True)
+    assert acc.summary(model).replaced["loss"] == [type(model).__name__]
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    assert out.logits is None
+    out.loss.backward()
+    assert_close(out.loss.detach(), loss, scale=10)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, grads[name], scale=10, msg=name)
+    summed = model(**batch, num_items_in_batch=torch.tensor(7))  # Trainer's token-count normalisation
+    assert_close(summed.loss.detach(), loss * (batch["labels"][:, 1:] != -100).sum() / 7, scale=10)
+    with torch.no_grad():
+        evaluated = model(**batch)
+    assert_close(evaluated.logits, logits)
+    assert_close(evaluated.loss, loss, scale=10)
+
+
+def test_diffllama_attention_falls_back_explicitly():
+    """A mask our kernel cannot express (packed sequences' block diagonal) runs HF's forward with an
+    HFFallbackWarning; the eager implementation (attention probabilities) runs HF's forward too."""
+    model = MODELS["diffllama"]().eval()
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 6, 32)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(6)[None])
+    block = torch.zeros(6, 6, dtype=torch.bool)
+    block[:3, :3] = block[3:, 3:] = True
+    mask = (block & torch.ones(6, 6, dtype=torch.bool).tril())[None, None]
+    want = attn(hidden, position_embeddings, mask)[0]
+    tritonformers.accelerate(model)
+    with pytest.warns(acc.HFFallbackWarning, match="not causal"):
+        got = attn(hidden, position_embeddings, mask)[0]
+    assert_close(got, want)
+    model.config._attn_implementation = "eager"
+    eager = model(input_ids=torch.randint(0, 64, (1, 6)), output_attentions=True)
+    assert eager.attentions is not None and eager.attentions[0].shape == (1, 4, 6, 6)
 
 
 def test_refusals():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import warnings
 from typing import Callable
 
 import torch
@@ -24,12 +25,76 @@ from torch import nn
 
 from . import nn as tnn
 from .kernels.attention import alibi_slopes
+from .models.diffllama import _lm_loss
 from .nn import functional as F
 
 NOT_YET = {"reformer": "Reformer", "fsmt": "FSMT"}
 """Families whose tritonformers models are still in progress: refused with a clear error."""
 
 KINDS = ("attention", "norms", "activations", "loss")
+
+KEPT = {
+    ("ibert", "attention"): "no swap for I-BERT's attention yet",
+    ("ibert", "loss"): "no fused loss swap for the masked-LM head yet",
+}
+"""Why a kind stays HF's for a family, when asked for; other kinds with no module to switch (a head
+without a loss, say) get a generic line."""
+
+
+# ------------------------------------------------------------------------------------------ HF's masks
+
+class HFFallbackWarning(UserWarning):
+    """An accelerated module handed a call to HF's own forward because our kernel cannot serve it."""
+
+
+class _Unserved(Exception):
+    """HF's attention mask is not one our kernels express (causal + key padding)."""
+
+
+_KEEP = "_tritonformers_keep"
+
+
+def padding_keep(mask, batch: int, n_q: int):
+    """The key padding mask [B, Nk] (True = real key) of HF's attention ``mask`` when that mask is exactly
+    causal (bottom-right aligned: query i of Nq sees keys j <= i + Nk - Nq) and key padding; None when HF
+    passed no mask (causal only: HF drops it only when top-left and bottom-right alignment agree). Nk is the
+    mask's key length, so this can run before the cache update (a fallback must not update it twice).
+
+    ``mask`` is [B, 1, Nq, Nk], bool (True = attend) or additive float (0 = attend), or flash attention's
+    [B, Nk] padding mask. Anything else (packed sequences' block-diagonal masks, a static cache's longer
+    key axis, a flex BlockMask) raises ``_Unserved``. The check compares the whole mask once, then caches
+    the result on the mask tensor, since every layer of a forward receives the same one (one host sync per
+    forward, only when a mask is given).
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise _Unserved(f"a {type(mask).__name__} attention mask")
+    n_k = mask.shape[-1]
+    if mask.dim() == 2 and mask.shape[0] == batch:
+        return mask.bool()
+    keep = getattr(mask, _KEEP, None)
+    if keep is not None:
+        return keep
+    if tuple(mask.shape) != (batch, 1, n_q, n_k):
+        raise _Unserved(f"an attention mask of shape {list(mask.shape)} for {n_q} queries and {n_k} keys")
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    keep = allowed[:, -1]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril(n_k - n_q)
+    if not torch.equal(allowed, causal & keep[:, None, :]):
+        raise _Unserved("an attention mask that is not causal + key padding (packed sequences?)")
+    setattr(mask, _KEEP, keep)
+    return keep
+
+
+def _check_keys(keep, k) -> None:
+    if keep is not None and keep.shape[1] != k.shape[2]:  # HF's mask and cache disagree: not ours to guess
+        raise RuntimeError(f"accelerate: attention mask covers {keep.shape[1]} keys, the cache holds {k.shape[2]}")
+
+
+def _warn_fallback(module, why: str) -> None:
+    warnings.warn(f"tritonformers.accelerate: {type(module).__name__} runs HF's forward for this call: {why}",
+                  HFFallbackWarning, stacklevel=3)
 
 
 # -------------------------------------------------------------------------------------- BLOOM attention
@@ -48,13 +113,16 @@ def _bloom_attention_class(hf_module):
                 return super().forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                        use_cache=use_cache, output_attentions=output_attentions, **kwargs)
             B, T, _ = hidden_states.shape
+            try:
+                keep = padding_keep(attention_mask, B, T)
+            except _Unserved as why:
+                _warn_fallback(self, str(why))
+                return super().forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
             q, k, v = self._reshape(self.query_key_value(hidden_states))
             if layer_past is not None:
                 k, v = layer_past.update(k, v, self.layer_idx)
-            keep = None
-            if attention_mask is not None:  # [B, 1, T, Nk]: the last query sees every real key (bottom-right causal)
-                last = attention_mask[:, 0, -1, :]
-                keep = last if last.dtype == torch.bool else last == 0
+            _check_keys(keep, k)
             ctx = F.attention(q, k, v, causal=True, alibi_slopes=alibi_slopes(self.num_heads, q.device),
                               key_padding_mask=keep, scale=self.inv_norm_factor,
                               dropout_p=self.attention_dropout.p if self.training else 0.0)
@@ -62,6 +130,93 @@ def _bloom_attention_class(hf_module):
             return hf_module.dropout_add(out, residual, self.hidden_dropout, self.training), None
 
     return BloomAttention
+
+
+# ---------------------------------------------------------------------------------- DiffLlama attention
+
+def _cache_name(base) -> str:
+    """The cache argument of HF's forward: ``cache`` since transformers 5.25, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _diffllama_attention_class(hf_module):
+    """HF's DiffLlamaAttention with both softmax maps, lambda, the group RMSNorm and ``1 - lambda_init`` in
+    one :func:`~tritonformers.nn.functional.diff_attention` call (same parameters)."""
+    base = hf_module.DiffLlamaAttention
+    cache_name = _cache_name(base)
+
+    class DiffLlamaAttention(base):
+        """DiffLlamaAttention on the fused differential attention kernel. With HF's DynamicCache the
+        kernel serves prefill and decode steps alike (the new queries are the last Nq of the keys: bottom-right
+        causal). HF's forward runs for the eager implementation (it returns the attention probabilities,
+        which ``output_attentions`` collects) and, with an ``HFFallbackWarning``, for masks that are not
+        causal + padding (packed sequences, a static cache)."""
+
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+            cache = kwargs.pop("past_key_values", cache)  # the layer's keyword before transformers 5.25
+            B, N, _ = hidden_states.shape
+            hf_call = dict(attention_mask=attention_mask, **{cache_name: cache}, **kwargs)
+            if self.config._attn_implementation == "eager":
+                return super().forward(hidden_states, position_embeddings, **hf_call)
+            try:
+                keep = padding_keep(attention_mask, B, N)
+            except _Unserved as why:
+                _warn_fallback(self, str(why))
+                return super().forward(hidden_states, position_embeddings, **hf_call)
+            shape = (B, N, -1, self.head_dim)
+            q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+            k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+            v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+            q, k = F.apply_rotary(q, k, *position_embeddings)
+            if cache is not None:
+                extra = {"kwargs": kwargs} if cache_name == "cache" else {}  # 5.25 hands the layer's kwargs on
+                k, v = cache.update(k, v, self.layer_idx, **extra)
+            _check_keys(keep, k)
+            lam = F.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
+            eps = self.groupnorm.eps if self.groupnorm.eps is not None else torch.finfo(q.dtype).eps
+            y = F.diff_attention(q, k, v, lam.to(q.dtype), self.lambda_init, causal=True, key_padding_mask=keep,
+                                 eps=eps, scale=self.scaling)  # [B, N, H/2, 2D]
+            return self.o_proj(y.reshape(B, N, -1)), None
+
+    return DiffLlamaAttention
+
+
+# ----------------------------------------------------------------------------------- causal-LM heads' loss
+
+def _fused_loss_head_class(base, final_norm: str):
+    """A causal-LM head whose loss, when labels are given and gradients are on (a training step), is
+    :func:`~tritonformers.nn.functional.fused_linear_cross_entropy` of the final hidden states: HF's
+    ``ForCausalLMLoss`` (shifted labels or ``shift_labels``, ``ignore_index``, ``num_items_in_batch``) without
+    the [B, T, V] logits, which the output then leaves as None. HF's forward runs unchanged otherwise
+    (no labels, no grad, ``return_dict=False`` whose tuple positions need the logits). HF's forward still
+    runs in the fused case, with ``logits_to_keep`` an empty index so its lm_head projects nothing; the
+    final norm's output (``final_norm``, a module path) is the hidden state the loss reads."""
+    signature = inspect.signature(base.forward)
+
+    class CausalLMHead(base):
+        def forward(self, *args, **kwargs):
+            call = signature.bind(self, *args, **kwargs)
+            labels = call.arguments.get("labels")
+            if labels is None or not torch.is_grad_enabled() or \
+                    kwargs.get("return_dict", getattr(self.config, "return_dict", True)) is False:
+                return super().forward(*args, **kwargs)
+            loss_kwargs = call.arguments.get("kwargs", {})
+            call.arguments["labels"] = None
+            call.arguments["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
+            hidden = []
+            hook = self.get_submodule(final_norm).register_forward_hook(lambda m, i, o: hidden.append(o))
+            try:
+                out = super().forward(*call.args[1:], **call.kwargs)
+            finally:
+                hook.remove()
+            head = self.lm_head
+            loss = _lm_loss(hidden[-1], labels, lambda h, t, **kw: F.fused_linear_cross_entropy(
+                h, head.weight, t, head.bias, **kw), **loss_kwargs)
+            rest = {key: value for key, value in out.items() if key not in ("loss", "logits")}
+            return type(out)(loss=loss, logits=None, **rest)
+
+    CausalLMHead.__name__ = CausalLMHead.__qualname__ = base.__name__
+    return CausalLMHead
 
 
 # ---------------------------------------------------------------------------------------- DiffLlama MLP
@@ -85,13 +240,13 @@ def _is_silu(mlp) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """How to switch one HF class: ``kind``, the HF class name, the forward parameters it was written for,
-    and either ``cls`` (our class for ``module.__class__``, given the HF module) or ``child`` (a factory of
+    """How to switch one HF class: ``kind``, the HF class name, the forward parameters it was written for
+    (one tuple, or a tuple of the accepted tuples where transformers versions differ), and either ``cls`` (our class for ``module.__class__``, given the HF module) or ``child`` (a factory of
     the replacement module); ``applies`` can leave an instance alone (an MLP whose activation is not SiLU)."""
 
     kind: str
     hf_class: str
-    forward_params: tuple[str, ...]
+    forward_params: tuple[str, ...] | tuple[tuple[str, ...], ...]
     cls: Callable | None = None
     child: Callable | None = None
     applies: Callable = lambda module: True
@@ -107,6 +262,11 @@ def _ours(cls):
     return lambda hf_module: cls
 
 
+def _versions(*params: str) -> tuple[tuple[str, ...], ...]:
+    """A forward signature under transformers 5.25 (``cache``) and before (``past_key_values``)."""
+    return tuple(tuple(name if name != "CACHE" else cache for name in params) for cache in ("cache", "past_key_values"))
+
+
 FAMILIES: dict[str, Family] = {
     "bloom": Family("transformers.models.bloom.modeling_bloom", (
         Rule("attention", "BloomAttention", ("self", "hidden_states", "residual", "alibi", "attention_mask",
@@ -114,11 +274,22 @@ FAMILIES: dict[str, Family] = {
              cls=_bloom_attention_class),
         Rule("norms", "LayerNorm", ("self", "input"), cls=_ours(tnn.LayerNorm)),
         Rule("activations", "BloomGelu", ("self", "x"), child=lambda m: tnn.GELU("bloom")),
+        Rule("loss", "BloomForCausalLM", _versions(
+            "self", "input_ids", "CACHE", "attention_mask", "inputs_embeds", "labels", "use_cache",
+            "output_attentions", "output_hidden_states", "return_dict", "logits_to_keep", "kwargs"),
+             cls=lambda hf: _fused_loss_head_class(hf.BloomForCausalLM, "transformer.ln_f")),
     )),
     "diffllama": Family("transformers.models.diffllama.modeling_diffllama", (
+        Rule("attention", "DiffLlamaAttention", _versions(
+            "self", "hidden_states", "position_embeddings", "attention_mask", "CACHE", "kwargs"),
+             cls=_diffllama_attention_class),
         Rule("norms", "DiffLlamaRMSNorm", ("self", "hidden_states"), cls=_ours(tnn.RMSNorm)),
         Rule("activations", "DiffLlamaMLP", ("self", "x"),
              cls=lambda hf: _swiglu_mlp_class(hf.DiffLlamaMLP), applies=_is_silu),
+        Rule("loss", "DiffLlamaForCausalLM", _versions(
+            "self", "input_ids", "attention_mask", "position_ids", "CACHE", "inputs_embeds", "labels",
+            "use_cache", "logits_to_keep", "kwargs"),
+             cls=lambda hf: _fused_loss_head_class(hf.DiffLlamaForCausalLM, "model.norm")),
     )),
     "ibert": Family("transformers.models.ibert.modeling_ibert", (
         Rule("norms", "LayerNorm", ("self", "input"), cls=_ours(tnn.LayerNorm)),
@@ -164,21 +335,26 @@ def _check_rule(hf, rule: Rule) -> type:
         raise RuntimeError(f"accelerate: this transformers release has no {rule.hf_class} in {hf.__name__}; "
                            "refusing to patch a model it does not recognise")
     params = tuple(inspect.signature(hf_cls.forward).parameters)
-    if params != rule.forward_params:
+    accepted = rule.forward_params if isinstance(rule.forward_params[0], tuple) else (rule.forward_params,)
+    if params not in accepted:
         raise RuntimeError(f"accelerate: {rule.hf_class}.forward{params} differs from the signature this "
                            f"version of tritonformers was written for {rule.forward_params}; refusing to patch")
     return hf_cls
 
 
 def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True, activations: bool = True,
-               loss: bool = True) -> nn.Module:
-    """Switch a transformers model's attention, norm and activation modules to tritonformers' kernels, in
-    place, and return the model. The summary is ``model.tritonformers_summary`` (also logged on debug).
+               loss: bool = False) -> nn.Module:
+    """Switch a transformers model's attention, norm, activation (and, with ``loss=True``, causal-LM loss)
+    modules to tritonformers' kernels, in place, and return the model; :func:`summary` says what changed.
 
-    Raises ``ValueError`` for an unsupported architecture, ``NotImplementedError`` for a family whose model
-    has not landed yet (Reformer, FSMT), ``RuntimeError`` for a transformers release whose modules differ.
-    ``loss``: HF's heads compute the loss from the full logits, so the fused linear cross-entropy needs the
-    head's forward itself; it is kept as HF's for now (listed under ``kept``).
+    ``loss`` is off by default because it changes HF's output contract: HF's causal-LM heads always return
+    the [B, T, V] logits, while the fused linear cross-entropy never forms them, so with ``loss=True`` a
+    forward given labels with gradients enabled (a training step) returns ``logits=None`` (the loss and its
+    gradients are HF's). Without labels, under ``torch.no_grad()`` (evaluation, generation) or with
+    ``return_dict=False``, the head is HF's.
+
+    Raises ``ValueError`` for an unsupported architecture, ``NotImplementedError`` for a family not
+    supported yet, ``RuntimeError`` for a transformers release whose modules differ (before any change).
     """
     if getattr(model, _ATTR, None) is not None:
         return model
@@ -186,20 +362,14 @@ def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True, 
     hf = importlib.import_module(family.module)
     wanted = {"attention": attention, "norms": norms, "activations": activations, "loss": loss}
     rules = [(rule, _check_rule(hf, rule)) for rule in family.rules if wanted[rule.kind]]
+    ours = {rule: rule.cls(hf) for rule, _ in rules if rule.cls is not None}  # one class per rule, not per module
+    plan = [(path, module, rule) for path, module in model.named_modules() for rule, hf_cls in rules
+            if type(module) is hf_cls and rule.applies(module)]
     summary = Summary(name, {kind: [] for kind in KINDS}, {})
-    if loss:
-        summary.kept["loss"] = "HF's heads take the loss from full logits; use tritonformers.models for the fused loss"
-    if attention and not any(r.kind == "attention" for r in family.rules):
-        summary.kept["attention"] = "no kernel swap for this family's HF attention yet"
-    plan = []
-    for path, module in model.named_modules():
-        for rule, hf_cls in rules:
-            if type(module) is hf_cls and rule.applies(module):
-                plan.append((path, module, rule))
     for path, module, rule in plan:
         if rule.cls is not None:
             summary._undo.append(("class", module, module.__class__))
-            module.__class__ = rule.cls(hf)
+            module.__class__ = ours[rule]
             if isinstance(module, tnn.RMSNorm) and "hidden_size" not in vars(module):
                 module.hidden_size = module.weight.shape[0]  # our extra_repr reads it
         else:
@@ -207,7 +377,10 @@ def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True, 
             parent = model.get_submodule(parent_path)
             summary._undo.append(("child", parent, attr, module))
             setattr(parent, attr, rule.child(module))
-        summary.replaced[rule.kind].append(path)
+        summary.replaced[rule.kind].append(path or type(model).__name__)
+    for kind, on in wanted.items():
+        if on and not summary.replaced[kind]:
+            summary.kept[kind] = KEPT.get((name, kind), "no module of this model has a swap for this kind")
     setattr(model, _ATTR, summary)
     return model
 
