@@ -21,6 +21,17 @@ MODELS = {
     "diffllama": lambda: transformers.DiffLlamaForCausalLM(transformers.DiffLlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2)),
+    "reformer": lambda: transformers.ReformerModelWithLMHead(transformers.ReformerConfig(
+        vocab_size=64, hidden_size=16, num_attention_heads=2, attention_head_size=8, attn_layers=["local", "lsh"],
+        axial_pos_shape=[2, 4], axial_pos_embds_dim=[8, 8], feed_forward_size=16, is_decoder=True,
+        local_attn_chunk_length=4, lsh_attn_chunk_length=4, num_buckets=4, num_hashes=1, hash_seed=0,
+        max_position_embeddings=8, hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0)),
+    "fsmt": lambda: transformers.FSMTForConditionalGeneration(transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2)),
     "ibert": lambda: transformers.IBertForMaskedLM(transformers.IBertConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=40)),
@@ -46,14 +57,14 @@ def _run(model, batch):
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_same_results_after_accelerate(family, backend):
-    model = MODELS[family]().eval()
+    model = MODELS[family]().train(family == "reformer")  # HF's reversible backward asserts training mode
     batch, valid = _batch()
     before = dict(model.state_dict())
     params = [p for p in model.parameters()]
     logits, loss, grads = _run(model, batch)
     assert tritonformers.accelerate(model) is model
     summary = acc.summary(model)
-    assert any(summary.replaced.values()), str(summary)
+    assert summary.replaced["norms"] and (summary.replaced["attention"] or family == "ibert"), str(summary)
     got_logits, got_loss, got_grads = _run(model, batch)
     # a query row of pads only: HF averages, the kernels give 0 (no valid output reads it)
     assert_close(got_logits[valid], logits[valid], scale=10)
@@ -82,6 +93,35 @@ def test_summary_idempotence_and_restore():
     assert {n: type(m) for n, m in model.named_modules()} == types and acc.summary(model) is None
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_every_family_restores(family):
+    model = MODELS[family]()
+    modules = dict(model.named_modules())
+    types = {n: type(m) for n, m in modules.items()}
+    tritonformers.accelerate(model, loss=True)
+    summary = acc.summary(model)
+    assert tritonformers.accelerate(model) is model and acc.summary(model) is summary
+    attention = summary.replaced["attention"]
+    assert all(type(modules[n]) is not types[n] and isinstance(modules[n], types[n]) for n in attention)  # HF's
+    assert attention or family == "ibert"  # isinstance checks (Reformer's reversible layers) still hold
+    tritonformers.restore(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+
+
+def test_fsmt_attention_falls_back_explicitly():
+    """FSMT's attention given an additive mask that is not causal runs HF's forward, with a warning."""
+    model = MODELS["fsmt"]().eval()
+    attn = model.model.decoder.layers[0].self_attn
+    x = torch.randn(4, 2, 16)
+    mask = torch.zeros(4, 4)
+    mask[0, 2] = float("-inf")
+    want = attn(x, x, attn_mask=mask)[0]
+    tritonformers.accelerate(model)
+    with pytest.warns(acc.HFFallbackWarning, match="not causal"):
+        got = attn(x, x, attn_mask=mask)[0]
+    assert_close(got, want)
+
+
 def test_options_choose_kinds():
     model = MODELS["bloom"]()
     tritonformers.accelerate(model, attention=False, activations=False)
@@ -89,18 +129,27 @@ def test_options_choose_kinds():
     assert not summary.replaced["attention"] and not summary.replaced["activations"] and summary.replaced["norms"]
 
 
-@pytest.mark.parametrize("family", ["bloom", "diffllama"])
+GENERATE = {  # batch, prompt length, new tokens, padded prompt positions of row 0
+    "bloom": (2, 5, 4, slice(0, 2)),  # left padding: the decoders' prefill and decode steps
+    "diffllama": (2, 5, 4, slice(0, 2)),
+    "fsmt": (2, 5, 4, slice(3, 5)),  # the encoder's right padding, cross-attention's cached keys
+    "reformer": (1, 5, 3, slice(0, 0)),  # HF's prefill pads 5 -> 8 and hashes; cached steps are HF's
+}
+
+
+@pytest.mark.parametrize("family", sorted(GENERATE))
 def test_generate_same_ids(family):
-    """HF's generate with its DynamicCache (left padding: prefill and decode steps through our kernels)."""
+    """HF's generate with its caches gives the same ids, every attention call that is ours on our kernels."""
+    batch, length, new_tokens, pads = GENERATE[family]
     model = MODELS[family]().eval()
-    ids = torch.randint(0, 64, (2, 5))
-    mask = torch.ones(2, 5, dtype=torch.long)
-    mask[0, :2] = 0
-    want = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    ids = torch.randint(3, 64, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, pads] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     tritonformers.accelerate(model)
     with runtime.use_backend("triton"), warnings.catch_warnings():
-        warnings.simplefilter("error", acc.HFFallbackWarning)  # every call on our kernels
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        warnings.simplefilter("error", acc.HFFallbackWarning)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     assert torch.equal(got, want)
 
 
@@ -157,11 +206,6 @@ def test_refusals():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match="gpt2"):
         tritonformers.accelerate(gpt2)
-    reformer = transformers.ReformerModel(transformers.ReformerConfig(
-        hidden_size=16, num_attention_heads=2, attention_head_size=8, attn_layers=["local"], vocab_size=32,
-        axial_pos_shape=[4, 8], axial_pos_embds_dim=[8, 8], feed_forward_size=16))
-    with pytest.raises(NotImplementedError, match="Reformer family is not supported yet"):
-        tritonformers.accelerate(reformer)
 
 
 def test_refuses_a_changed_module(monkeypatch):

@@ -1,15 +1,23 @@
 """``accelerate(model)``: put tritonformers' kernels into a transformers model in place.
 
-The model keeps its class, its parameters (the same tensors: optimizer state and ``state_dict`` keys are
-untouched) and its forward; the modules that compute attention, norms and activations are switched to ours,
-either by giving the module our class (``module.__class__``: a subclass of HF's, or our drop-in with the
-same attributes) or by replacing a parameterless child (an activation). Every module of a kind that is
+The model keeps its class name, its parameters (the same tensors: optimizer state and ``state_dict`` keys
+are untouched) and its forward; the modules that compute attention, norms, activations and (opt-in) the
+causal-LM loss are switched to ours, either by giving the module our class (``module.__class__``: a
+subclass of HF's, or our drop-in with the same attributes) or by replacing a parameterless child (an
+activation).
+
+Families: BLOOM (ALiBi attention, LayerNorm, GELU, loss), DiffLlama (differential attention, RMSNorm,
+SwiGLU MLP, loss), Reformer (local and LSH self-attention, LayerNorm), FSMT (encoder, decoder and cross
+attention, LayerNorm), I-BERT (LayerNorm of the float path). Where a call is something our kernel cannot
+serve (attention probabilities asked for, a mask that is not causal + padding, Reformer's cached one-token
+steps), the module runs HF's own forward for that call: documented per class, with an
+:class:`HFFallbackWarning` where it depends on the input. Every module of a kind that is
 switched must be a class this file knows, with the forward signature it was written against; anything else
 (an unknown architecture, a transformers release that changed a module) raises before any module changes,
 never a partial patch. A second call is a no-op; :func:`restore` undoes it.
 
 Adding a family is an entry in :data:`FAMILIES`: for each HF class, the kind (attention, norms,
-activations) and how to switch it.
+activations, loss) and how to switch it.
 """
 
 from __future__ import annotations
@@ -27,9 +35,6 @@ from . import nn as tnn
 from .kernels.attention import alibi_slopes
 from .models.diffllama import _lm_loss
 from .nn import functional as F
-
-NOT_YET = {"reformer": "Reformer", "fsmt": "FSMT"}
-"""Families whose tritonformers models are still in progress: refused with a clear error."""
 
 KINDS = ("attention", "norms", "activations", "loss")
 
@@ -169,8 +174,7 @@ def _diffllama_attention_class(hf_module):
             v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
             q, k = F.apply_rotary(q, k, *position_embeddings)
             if cache is not None:
-                extra = {"kwargs": kwargs} if cache_name == "cache" else {}  # 5.25 hands the layer's kwargs on
-                k, v = cache.update(k, v, self.layer_idx, **extra)
+                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)  # as 5.25 (5.17's update ignores it)
             _check_keys(keep, k)
             lam = F.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
             eps = self.groupnorm.eps if self.groupnorm.eps is not None else torch.finfo(q.dtype).eps
@@ -217,6 +221,104 @@ def _fused_loss_head_class(base, final_norm: str):
 
     CausalLMHead.__name__ = CausalLMHead.__qualname__ = base.__name__
     return CausalLMHead
+
+
+# ------------------------------------------------------------------------------------ Reformer attention
+
+def _reformer_attention_class(ours: type, hf_name: str):
+    """HF's Reformer self-attention module (``hf_name``) served by our drop-in ``ours`` (the same parameters
+    and attribute names; our class first in the MRO, HF's behind it so ``isinstance`` checks in HF's
+    reversible layers and HF's cached-step helpers keep working). A cached one-token step (HF's
+    ``past_buckets_states`` already holding this layer) runs HF's forward: one query against a few cached
+    chunks is torch glue in both, and HF's own step (including its batch-row quirk in LSH) is what
+    generation was calibrated on."""
+
+    def factory(hf_module):
+        base = getattr(hf_module, hf_name)
+
+        class ReformerSelfAttention(ours, base):
+            def forward(self, hidden_states, attention_mask=None, *args, past_buckets_states=None, **kwargs):
+                if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
+                    return base.forward(self, hidden_states, attention_mask, *args,
+                                        past_buckets_states=past_buckets_states, **kwargs)
+                return ours.forward(self, hidden_states, attention_mask, *args, **kwargs)
+
+        ReformerSelfAttention.__name__ = ReformerSelfAttention.__qualname__ = hf_name
+        return ReformerSelfAttention
+
+    return factory
+
+
+# ---------------------------------------------------------------------------------------- FSMT attention
+
+def _causal_float_mask(attn_mask, n_q: int) -> bool:
+    """Whether FSMT's additive ``attn_mask`` [Nq, Nk] is exactly causal (0 on and below the bottom-right
+    aligned diagonal, -inf or the dtype's minimum above); False for None; ``_Unserved`` for any other mask.
+    Checked once per mask tensor (the decoder hands every layer the same one)."""
+    if attn_mask is None:
+        return False
+    if getattr(attn_mask, _KEEP, None) is not None:
+        return True
+    if attn_mask.dim() != 2 or attn_mask.shape[0] != n_q:
+        raise _Unserved(f"an attention mask of shape {list(attn_mask.shape)}")
+    n_k = attn_mask.shape[1]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=attn_mask.device).tril(n_k - n_q)
+    if not (torch.equal(attn_mask == 0, causal) and bool((attn_mask[~causal] <= torch.finfo(attn_mask.dtype).min).all())):
+        raise _Unserved("an attention mask that is not causal")
+    setattr(attn_mask, _KEEP, True)
+    return True
+
+
+def _fsmt_attention_class(hf_module):
+    """FSMT's ``Attention`` (self- and cross-attention, time-major [T, B, E] inputs) with softmax(QK^T)V
+    done by :func:`tritonformers.nn.functional.attention`; keys and values, and HF's EncoderDecoderCache
+    updates, as HF computes them. HF's forward runs for ``output_attentions`` (the probabilities) and, with
+    an ``HFFallbackWarning``, for a mask other than causal."""
+    base = hf_module.Attention
+    encdec_cache = hf_module.EncoderDecoderCache
+
+    class Attention(base):
+        def forward(self, query, key, key_padding_mask=None, layer_state=None, attn_mask=None,
+                    output_attentions=False, **kwargs):
+            hf_call = (query, key, key_padding_mask, layer_state, attn_mask, output_attentions)
+            if output_attentions:
+                return super().forward(*hf_call, **kwargs)
+            try:
+                causal = _causal_float_mask(attn_mask, query.shape[0])
+            except _Unserved as why:
+                _warn_fallback(self, str(why))
+                return super().forward(*hf_call, **kwargs)
+            T, B, E = query.shape
+            k, v = self._keys_values(query, key, layer_state, kwargs)
+            q = self.q_proj(query).view(T, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+            if key_padding_mask is not None and key_padding_mask.dim() == 0:  # HF's "no mask" placeholder
+                key_padding_mask = None
+            keep = None if key_padding_mask is None else ~key_padding_mask.bool()  # HF: True = padding
+            out = F.attention(q, k, v, causal=causal, key_padding_mask=keep, scale=self.scaling,
+                              dropout_p=self.dropout if self.training else 0.0)
+            return self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, E)), None
+
+        def _keys_values(self, query, key, layer_state, kwargs):
+            """k, v [B, H, Nk, D] as HF's forward: projected (cross-attention: from ``key``), through the
+            layer's cache; cross-attention reuses the cached encoder keys after the first step."""
+            current, updated = layer_state, False
+            if isinstance(layer_state, encdec_cache):
+                updated = layer_state.is_updated.get(self.layer_idx)
+                current = layer_state.cross_attention_cache if self.encoder_decoder_attention \
+                    else layer_state.self_attention_cache
+            if self.encoder_decoder_attention and layer_state is not None and updated:
+                return current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
+            states = key if self.encoder_decoder_attention else query
+            B = query.shape[1]
+            k = self.k_proj(states).view(-1, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+            v = self.v_proj(states).view(-1, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+            if layer_state is not None:
+                k, v = current.update(k, v, self.layer_idx, kwargs=kwargs)  # as 5.25 (5.17's update ignores it)
+                if self.encoder_decoder_attention:
+                    layer_state.is_updated[self.layer_idx] = True
+            return k, v
+
+    return Attention
 
 
 # ---------------------------------------------------------------------------------------- DiffLlama MLP
@@ -291,6 +393,20 @@ FAMILIES: dict[str, Family] = {
             "use_cache", "logits_to_keep", "kwargs"),
              cls=lambda hf: _fused_loss_head_class(hf.DiffLlamaForCausalLM, "model.norm")),
     )),
+    "reformer": Family("transformers.models.reformer.modeling_reformer", (
+        Rule("attention", "LocalSelfAttention", ("self", "hidden_states", "attention_mask", "past_buckets_states",
+                                                 "use_cache", "output_attentions", "kwargs"),
+             cls=_reformer_attention_class(tnn.LocalSelfAttention, "LocalSelfAttention")),
+        Rule("attention", "LSHSelfAttention", ("self", "hidden_states", "attention_mask", "num_hashes", "buckets",
+                                               "past_buckets_states", "use_cache", "output_attentions", "kwargs"),
+             cls=_reformer_attention_class(tnn.LSHSelfAttention, "LSHSelfAttention")),
+        Rule("norms", "LayerNorm", ("self", "input"), cls=_ours(tnn.LayerNorm)),
+    )),
+    "fsmt": Family("transformers.models.fsmt.modeling_fsmt", (
+        Rule("attention", "Attention", ("self", "query", "key", "key_padding_mask", "layer_state", "attn_mask",
+                                        "output_attentions", "kwargs"), cls=_fsmt_attention_class),
+        Rule("norms", "LayerNorm", ("self", "input"), cls=_ours(tnn.LayerNorm)),
+    )),
     "ibert": Family("transformers.models.ibert.modeling_ibert", (
         Rule("norms", "LayerNorm", ("self", "input"), cls=_ours(tnn.LayerNorm)),
     )),
@@ -320,9 +436,6 @@ _ATTR = "_tritonformers_accelerated"
 def _family(model: nn.Module) -> tuple[str, Family]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in NOT_YET:
-        raise NotImplementedError(f"accelerate: the {NOT_YET[model_type]} family is not supported yet "
-                                  "(its tritonformers model is still in progress)")
     if model_type not in FAMILIES:
         raise ValueError(f"accelerate: unsupported model {type(model).__name__} (model_type {model_type!r}); "
                          f"supported: {sorted(FAMILIES)}")
@@ -353,8 +466,8 @@ def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True, 
     gradients are HF's). Without labels, under ``torch.no_grad()`` (evaluation, generation) or with
     ``return_dict=False``, the head is HF's.
 
-    Raises ``ValueError`` for an unsupported architecture, ``NotImplementedError`` for a family not
-    supported yet, ``RuntimeError`` for a transformers release whose modules differ (before any change).
+    Raises ``ValueError`` for an unsupported architecture and ``RuntimeError`` for a transformers release
+    whose modules differ (before any change).
     """
     if getattr(model, _ATTR, None) is not None:
         return model
@@ -380,7 +493,9 @@ def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True, 
         summary.replaced[rule.kind].append(path or type(model).__name__)
     for kind, on in wanted.items():
         if on and not summary.replaced[kind]:
-            summary.kept[kind] = KEPT.get((name, kind), "no module of this model has a swap for this kind")
+            generic = "no module of this model has a swap for this kind" if any(r.kind == kind for r in family.rules) \
+                else f"no {kind} swap for this family yet"
+            summary.kept[kind] = KEPT.get((name, kind), generic)
     setattr(model, _ATTR, summary)
     return model
 
@@ -404,4 +519,4 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["accelerate", "restore", "summary", "Summary", "FAMILIES", "NOT_YET"]
+__all__ = ["accelerate", "restore", "summary", "padding_keep", "HFFallbackWarning", "Summary", "FAMILIES"]
