@@ -753,10 +753,12 @@ class IntLayerNorm(nn.Module):
             raise ValueError("IntLayerNorm's input must be quantized per tensor (scale [1])")
         bias_int, out_scale = self._int_cache.get(("ln", self.weight, self.bias),
                                                   lambda: layer_norm_constants(self.weight, self.bias))
+        # the float32 ``shift`` buffer as the int64 the kernels take (converted once, not per call)
+        shift = self._int_cache.get(("shift", self.shift), lambda: self.shift.reshape(1).to(torch.int64))
         if not fuse_act:
-            return QuantTensor(int_layer_norm(x.values, self.shift, bias_int), out_scale)
+            return QuantTensor(int_layer_norm(x.values, shift, bias_int), out_scale)
         scale = output_act.output_scale()
-        values = int_layer_norm(x.values, self.shift, bias_int, output_act.requant_from(out_scale),
+        values = int_layer_norm(x.values, shift, bias_int, output_act.requant_from(out_scale),
                                 output_act.activation_bit)
         return QuantTensor(values, scale)
 
