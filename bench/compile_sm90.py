@@ -131,19 +131,22 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 
 def _compile_every_config(self, *args, **kwargs):
-    """Compile each config that survives pruning, as the autotuner benchmarks each one on the GPU."""
+    """Compile each config that survives pruning, as the autotuner benchmarks each one on the GPU; the first
+    that compiles stands in as the ``best_config`` (launchers may read it)."""
     self.nargs = dict(zip(self.arg_names, args))
     configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
-    rejected = []
+    accepted, rejected = [], []
     for config in configs:
         try:
             self.fn.run(*args, **kwargs, **config.all_kwargs())
+            accepted.append(config)
         except SKIPPED_BY_AUTOTUNER as e:
             rejected.append(f"{self.base_fn.__name__} {config}: {type(e).__name__}")
     self.nargs = None
     REJECTED.extend(rejected)
-    if len(rejected) == len(configs):
+    if not accepted:
         raise RuntimeError(f"every autotune config of {self.base_fn.__name__} was rejected: {rejected}")
+    self.best_config = accepted[0]
 
 
 def lowering_mode() -> None:

@@ -40,7 +40,7 @@ def _sync():
 def test_bench(benchmark, case: registry.Case, impl: registry.Impl, pass_: str):
     if impl.cuda_only and not CUDA:
         pytest.skip(f"{impl.name} runs on CUDA only")
-    shape = dict(case.gpu_shape if CUDA else case.cpu_shape)
+    shape = SETTINGS.case_shape(case)
     dtype = SETTINGS.case_dtype(case)
     torch.manual_seed(0)
     inputs = case.setup(shape, dtype, SETTINGS.device)

@@ -254,7 +254,7 @@ def test_generate_checkpoint_errors_are_one_line(bloom_checkpoint, tmp_path, cap
     (other / "config.json").write_text(json.dumps({"model_type": "ibert"}))
     for path, fragments in ((no_weights, ("no weights in", str(no_weights), "model.safetensors")),
                             (no_tokenizer, ("needs tokenizer.json", str(no_tokenizer))),
-                            (other, ("generate supports model types ['bloom', 'diffllama']", "'ibert'"))):
+                            (other, ("generate supports model types ['bloom', 'diffllama', 'reformer']", "'ibert'"))):
         assert main(_generate_argv(path)) == 2
         _assert_one_line_error(capsys.readouterr().err, *fragments)
     assert main(_generate_argv(bloom_checkpoint, "--top-p", "0.9", "--temperature", "0.7")) == 2

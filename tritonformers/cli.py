@@ -164,6 +164,8 @@ def checkpoint_model_type(path: str, supported: dict, command: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from .benchmarks import registry, runner
 
     cases = registry.select(args.filter)
@@ -173,11 +175,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not cases:
         print(f"no benchmark case matches {args.filter}; `tritonformers bench --list` shows them", file=sys.stderr)
         return 2
-    if args.list:
-        _print_cases(cases)
-        return 0
+    cuda = torch.cuda.is_available() and not args.cpu
     dtype = runner.parse_dtype(args.dtype) if args.dtype else None
-    result = runner.run(cases, out_dir=args.out, dtype=dtype, quick=args.quick, cuda=False if args.cpu else None)
+    if args.list:
+        _print_cases(cases, runner.Settings(cuda=cuda, dtype=dtype))
+        return 0
+    result = runner.run(cases, out_dir=args.out, dtype=dtype, quick=args.quick, cuda=cuda)
     bad = [r for r in result.data["results"]
            if r["impl"] == registry.OURS and (r.get("error") or r.get("matches_baseline") is False)]
     for r in bad:
@@ -189,15 +192,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _print_cases(cases) -> None:
+def _print_cases(cases, settings) -> None:
+    """One line per case with the shape and dtype a run here uses (saying which set); the GPU's below on CPU."""
+    from .benchmarks import runner
+
+    print(f"shapes: {runner.shape_set(settings)}")
     width = max(len(c.id) for c in cases)
     for case in cases:
-        shape = " ".join(f"{k}={v}" for k, v in case.gpu_shape.items())
-        dtype = str(case.dtype).replace("torch.", "")
-        impls = ", ".join(impl.name for impl in case.impls)
-        print(f"{case.id:<{width}}  {shape} {dtype} [{case.bound}]  impls: {impls}")
+        print(f"{case.id:<{width}}  {runner.shape_text(case, settings)} [{case.bound}]  "
+              f"impls: {', '.join(impl.name for impl in case.impls)}")
         if case.description:
             print(f"{'':<{width}}  {case.description}")
+        if not settings.cuda:
+            gpu = runner.Settings(cuda=True, dtype=settings.dtype)
+            print(f"{'':<{width}}  on CUDA: {runner.shape_text(case, gpu)}")
 
 
 def _add_bench(subparsers) -> None:
@@ -212,9 +220,11 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--filter", nargs="+", action="extend", metavar="PATTERN",
                    help="run only cases whose id (name or name/variant) matches one of these regular "
                         "expressions or substrings")
-    p.add_argument("--list", action="store_true", help="list the (filtered) cases and exit")
-    p.add_argument("--out", default="bench/results", metavar="DIR",
-                   help="directory for the result files (default: bench/results under the current directory)")
+    p.add_argument("--list", action="store_true",
+                   help="list the (filtered) cases with the shapes a run here uses (with --cpu: the CPU ones) and exit")
+    p.add_argument("--out", metavar="DIR",
+                   help="directory for the result files (default: bench/results inside a tritonformers checkout, "
+                        "else $XDG_DATA_HOME/tritonformers/bench, by default ~/.local/share/tritonformers/bench)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), metavar="DTYPE",
                    help="override the float dtype of every float case (default: each case's, bfloat16 on CUDA; "
                         "float32 without CUDA); one of " + ", ".join(sorted(DTYPE_NAMES)))
@@ -234,6 +244,8 @@ GENERATORS = {
     "bloom": ("tritonformers.models.bloom", "BloomForCausalLM", "tritonformers.tokenizers.bloom", "BloomTokenizer"),
     "diffllama": ("tritonformers.models.diffllama", "DiffLlamaForCausalLM", "tritonformers.tokenizers.llama",
                   "LlamaTokenizer"),
+    "reformer": ("tritonformers.models.reformer", "ReformerModelWithLMHead", "tritonformers.tokenizers.reformer",
+                 "ReformerTokenizer"),
 }
 
 
@@ -252,7 +264,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = getattr(importlib.import_module(model_module), model_class).from_pretrained(
         args.model, dtype=args.dtype, device=device)
-    batch = tokenizer(args.prompt, padding=True, padding_side="left", return_tensors="pt")
+    # one prompt needs no padding (Reformer's tokenizer has no pad token, and its cache no padding mask)
+    batch = tokenizer(args.prompt, padding=len(args.prompt) > 1, padding_side="left", return_tensors="pt")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
@@ -323,7 +336,13 @@ def _add_translate(subparsers) -> None:
     add_parser(subparsers)
 
 
-SUBCOMMANDS = [_add_bench, _add_generate, _add_translate]  # translate: tritonformers/translate.py
+def _add_train(subparsers) -> None:
+    from .training.cli import add_parser  # the flags live with the training package; argparse only, no torch
+
+    add_parser(subparsers)
+
+
+SUBCOMMANDS = [_add_bench, _add_generate, _add_translate, _add_train]  # translate: tritonformers/translate.py
 
 
 def build_parser() -> argparse.ArgumentParser:

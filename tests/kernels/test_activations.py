@@ -176,9 +176,23 @@ def test_gelu_bad_inputs():
     with pytest.raises(ValueError, match="bias"):
         act.gelu(x, "none", randn(1, 8))
     with pytest.raises(TypeError, match="bias"):
-        act.gelu(x, "none", randn(8, dtype=torch.float16))
-    with pytest.raises(TypeError, match="bias"):
         act.gelu(x, "none", [0.0] * 8)
+    with pytest.raises(TypeError, match="bias"):
+        act.gelu(x, "none", torch.ones(8, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gelu_takes_an_autocast_bias_of_another_float_dtype(backend):
+    """Under autocast a float32 bias meets a half-precision activation: it is rounded to x's dtype, as the
+    Linear it belongs to would round it, and its gradient comes back in float32."""
+    x = randn(4, 8, dtype=torch.float16)
+    bias = randn(8).requires_grad_(True)
+    with runtime.use_backend(backend):
+        got = act.gelu(x, "bloom", bias)
+        want = act.gelu(x, "bloom", bias.detach().half())
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    got.float().sum().backward()
+    assert bias.grad.dtype == torch.float32 and torch.isfinite(bias.grad).all()
     with pytest.raises(ValueError, match="approximate"):
         GELU("exact")
 

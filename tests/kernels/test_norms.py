@@ -338,7 +338,7 @@ def test_layer_norm_module_residual_and_multi_dim_shape(backend):
     (lambda x, w: norms.layer_norm(x, None, w[None]), ValueError, "bias must have shape"),
     (lambda x, w: norms.layer_norm(x, w.to("meta"), None), ValueError, "weight is on meta"),
     (lambda x, w: norms.layer_norm(x, w, w, residual=x[:1]), ValueError, "residual must have x's shape"),
-    (lambda x, w: norms.layer_norm(x, w, w, residual=x.half()), TypeError, "residual has dtype"),
+    (lambda x, w: norms.layer_norm(x, w, w, residual=x.to(torch.int32)), TypeError, "residual"),
     (lambda x, w: norms.layer_norm(x, w, w, residual=1.0), TypeError, "residual must be a torch.Tensor"),
     (lambda x, w: norms.layer_norm(x, w, w, eps=-1e-5), ValueError, "eps must be a finite non-negative"),
     (lambda x, w: norms.layer_norm(x, w, w, eps=float("nan")), ValueError, "eps"),
@@ -388,3 +388,16 @@ def test_large_shapes_on_cuda(dtype, m, n):
     ln_inputs = _ln_inputs([m, n], True, True, True, dtype)
     _check(_ln, _ln_ref, ln_inputs, [randn(m, n, dtype=dtype), randn(m, n, dtype=dtype)], dtype)
     _check(_rms, _rms_ref, _rms_inputs([m, n], "same", dtype), [randn(m, n, dtype=dtype)], dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_norm_promotes_an_autocast_residual(backend):
+    """Autocast hands a half-precision activation next to a float32 residual: both are promoted, as
+    ``x + residual`` in torch is, and the result equals the float32 computation."""
+    x, r, w = randn(4, 32, dtype=torch.float16), randn(4, 32), randn(32)
+    with runtime.use_backend(backend):
+        y, s = norms.layer_norm(x, w, w, residual=r)
+        y32, s32 = norms.layer_norm(x.float(), w, w, residual=r)
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(y, y32, rtol=0, atol=0)
+    torch.testing.assert_close(s, s32, rtol=0, atol=0)

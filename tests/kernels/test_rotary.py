@@ -191,3 +191,15 @@ def test_rotary_large(layout, dtype):
     want = _run(_hf, q, k, cos, sin, layout, dq, dk)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float32_tables_with_half_precision_q_and_k(backend):
+    """Autocast gives float32 cos/sin next to fp16 q/k: the tables are cast to q's dtype."""
+    q, k = randn(1, 2, 8, 16, dtype=torch.float16), randn(1, 2, 8, 16, dtype=torch.float16)
+    cos, sin = randn(1, 8, 16), randn(1, 8, 16)
+    with runtime.use_backend(backend):
+        got = rotary.apply_rotary(q, k, cos, sin)
+        want = rotary.apply_rotary(q, k, cos.half(), sin.half())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float16 and torch.equal(g, w)

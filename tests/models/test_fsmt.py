@@ -70,8 +70,10 @@ def test_config_defaults_aliases_and_round_trip(tmp_path):
 
 def test_checkpoint_of_another_model_type_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart", "d_model": 16}))
-    with pytest.raises(ValueError, match="'bart' checkpoint, not an FSMT"):
+    with pytest.raises(ValueError, match="model_type 'bart'.*FSMTForConditionalGeneration loads model_type 'fsmt'"):
         tf.FSMTForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'bart' checkpoint, not an FSMT"):
+        tf.FSMTConfig.from_pretrained(tmp_path)
 
 
 def test_sinusoids_match_hf():

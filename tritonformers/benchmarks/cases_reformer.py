@@ -1,4 +1,4 @@
-"""Benchmark cases for Reformer's local attention kernel.
+"""Benchmark cases for Reformer: the local and LSH attention kernels, and the models (below).
 
 ``local_attention_64k`` times the attention core (no projections, as the FlexAttention figure in DESIGN.md):
 B1 N65536 H8 D128, chunk 128 with one chunk before, fp16, encoder (the wrap-around is real). Each query
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import lm
 from .registry import OURS, Case, Count, Impl, register
 
 
@@ -137,3 +138,108 @@ for _hashes in (2, 4):
                Impl("hf_eager", lambda i: i["module"](i["x"]).hidden_states, prepare=_lsh_prepare("hf"),
                     description="transformers' LSHSelfAttention, same weights and hash seed")],
         description=f"LSH self-attention module, chunk 256, {_hashes} hash rounds"))
+
+
+# ------------------------------------------------------------------------------------------ models
+# Both models get the same random weights (no hub access): transformers' ReformerModelWithLMHead is built from
+# the published configuration (specs/reformer.md §13) and ours loads its state dict. Training steps keep the
+# checkpoints' dropouts; LSH hashing is seeded (hash_seed) so the forward outputs are comparable.
+
+_ENWIK8 = dict(layers=("local", "local", "lsh", "local", "local", "local", "lsh", "local", "local", "local", "lsh",
+                       "local"), hidden=1024, heads=8, head=128, ff=4096, local_c=128, lsh_c=256, hashes=4,
+               buckets=512, axial=(128, 512), axial_dims=(256, 768), vocab=258, dropout=(0.2, 0.2, 0.1))
+_CRIME = dict(layers=("local", "lsh") * 3, hidden=256, heads=2, head=64, ff=512, local_c=64, lsh_c=64, hashes=1,
+              buckets=(64, 128), axial=(512, 1024), axial_dims=(64, 192), vocab=320, dropout=(0.05, 0.05, 0.0))
+_TINY_REFORMER = dict(layers=("local", "lsh"), hidden=32, heads=2, head=16, ff=64, local_c=8, lsh_c=16, hashes=2,
+                      buckets=4, axial=(8, 8), axial_dims=(8, 24), vocab=258, dropout=(0.0, 0.0, 0.0))
+
+
+def _reformer_fields(shape) -> dict:
+    hidden_p, local_p, lsh_p = shape["dropout"]
+    return dict(attn_layers=list(shape["layers"]), hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+                attention_head_size=shape["head"], feed_forward_size=shape["ff"],
+                local_attn_chunk_length=shape["local_c"], lsh_attn_chunk_length=shape["lsh_c"],
+                num_hashes=shape["hashes"], num_buckets=shape["buckets"] if isinstance(shape["buckets"], int)
+                else list(shape["buckets"]), axial_pos_shape=list(shape["axial"]),
+                axial_pos_embds_dim=list(shape["axial_dims"]), max_position_embeddings=shape["axial"][0] *
+                shape["axial"][1], vocab_size=shape["vocab"], is_decoder=True, hash_seed=1234,
+                hidden_dropout_prob=hidden_p, local_attention_probs_dropout_prob=local_p,
+                lsh_attention_probs_dropout_prob=lsh_p)
+
+
+def _make_reformer(which, shape, dtype, device):
+    """transformers' ReformerModelWithLMHead with random weights, or ours loaded with its state dict."""
+    from transformers import ReformerConfig as HFConfig, ReformerModelWithLMHead as HFReformer
+
+    from tritonformers.models.reformer import ReformerConfig, ReformerModelWithLMHead
+    fields = _reformer_fields(shape)
+    torch.manual_seed(0)
+    hf = HFReformer(HFConfig(**fields))
+    if which == "hf":
+        return hf.to(device, dtype)
+    ours = ReformerModelWithLMHead(ReformerConfig(**fields))
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.decoder.bias"}:  # (transformers < 5.25 has no decoder bias)
+        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return ours.to(device, dtype)
+
+
+def _reformer_flops(shape) -> Count:
+    """2 x parameters x tokens plus each layer's attention (its window of 2 chunks, every hash round)."""
+    h, f, heads, d = shape["hidden"], shape["ff"], shape["heads"], shape["head"]
+    per_layer = {"local": 4 * h * heads * d + 2 * h * f, "lsh": 3 * h * heads * d + 2 * h * f}
+    params = sum(per_layer[k] for k in shape["layers"]) + shape["vocab"] * 2 * h
+    tokens = shape["B"] * shape["N"]
+    window = {"local": 2 * shape["local_c"], "lsh": 2 * shape["lsh_c"] * shape["hashes"]}
+    attention = sum(4 * tokens * heads * d * window[k] for k in shape["layers"])
+    return Count(fwd=2 * params * tokens + attention, fwd_bwd=6 * params * tokens + 3.5 * attention)
+
+
+register(Case(
+    "reformer_enwik8_train_n65536", setup=lm.train_setup, bound="compute", flops=_reformer_flops,
+    gpu_shape={**_ENWIK8, "B": 1, "N": 65536}, cpu_shape={**_TINY_REFORMER, "B": 1, "N": 64},
+    tokens=lambda s: s["B"] * s["N"],
+    impls=lm.train_impls(_make_reformer, "hf_eager", "tritonformers ReformerModelWithLMHead (reversible, fused "
+                         "local/LSH kernels, fused loss), AdamW step",
+                         "transformers ReformerModelWithLMHead, AdamW step"),
+    description="google/reformer-enwik8-shaped training step, 65,536 tokens (weights stepped: not compared)"))
+
+
+def _forward_setup(shape, dtype, device) -> dict:
+    ids = torch.randint(1, shape["vocab"], (shape["B"], shape["N"]), device=device)
+    return {"input_ids": ids, "shape": shape, "dtype": dtype, "device": device}
+
+
+def _forward_prepare(which):
+    def prepare(inputs: dict) -> dict:
+        return {**inputs, "model": _make_reformer(which, inputs["shape"], inputs["dtype"], inputs["device"]).eval()}
+    return prepare
+
+
+def _forward(i):
+    with torch.no_grad():
+        return i["model"](input_ids=i["input_ids"], use_cache=False).logits
+
+
+register(Case(
+    "reformer_crime_fwd_n524288", setup=_forward_setup, bound="compute", backward=False,
+    flops=lambda s: Count(fwd=_reformer_flops(s).fwd), dtype=torch.float16,
+    gpu_shape={**_CRIME, "B": 1, "N": 524288}, cpu_shape={**_TINY_REFORMER, "B": 1, "N": 64},
+    tokens=lambda s: s["B"] * s["N"], check_tol=5e-2,
+    impls=[Impl(OURS, _forward, prepare=_forward_prepare("ours"), description="ReformerModelWithLMHead forward"),
+           Impl("hf_eager", _forward, prepare=_forward_prepare("hf"),
+                description="transformers ReformerModelWithLMHead forward, same weights and hash seed")],
+    description="google/reformer-crime-and-punishment-shaped forward over one 524,288-token sequence (fp16 "
+                "LSH buckets can flip on near-ties between the two LayerNorms: loose check)"))
+
+# Activation memory vs depth: a training step at enwik8's width, N 16384, with 2 to 12 layers.
+for _layers in (2, 4, 8, 12):
+    register(Case(
+        "reformer_train_layers", variant=f"layers{_layers}", fields={"layers_n": _layers}, setup=lm.train_setup,
+        bound="compute", flops=_reformer_flops,
+        gpu_shape={**_ENWIK8, "layers": _ENWIK8["layers"][:_layers], "axial": (128, 128), "B": 1, "N": 16384},
+        cpu_shape={**_TINY_REFORMER, "layers": ("local", "lsh") * (_layers // 2), "B": 1, "N": 64},
+        tokens=lambda s: s["B"] * s["N"],
+        impls=lm.train_impls(_make_reformer, "hf_eager", "tritonformers Reformer training step",
+                             "transformers Reformer training step"),
+        description=f"Reformer training step with {_layers} layers (peak memory vs depth)"))

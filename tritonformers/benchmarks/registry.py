@@ -22,6 +22,7 @@ import torch
 
 OURS = "tritonformers"
 BOUNDS = ("memory", "compute")
+DIFFERENT_FUNCTION = "computes a different function"  # why a comparable=False impl is not compared, by default
 
 
 class Count(NamedTuple):
@@ -41,9 +42,12 @@ class Impl:
     (drawn once, outside the timed region). ``prepare(inputs) -> inputs``, when given, runs once and
     untimed before the first call (build an HF module, wrap in ``torch.compile``); it may import
     optional packages, and a failure there is recorded on this impl's row only. ``cuda_only`` impls
-    (torch.compile, FlexAttention) are skipped without CUDA. ``comparable=False`` marks a
-    speed-of-light baseline that computes a different function (attention without the ALiBi bias):
-    it is timed but neither checked nor used as the oracle.
+    (torch.compile, FlexAttention) are skipped without CUDA. An impl whose outputs cannot be compared
+    is timed but neither checked nor used as the oracle; ``not_compared`` says why, in words that
+    follow "not compared (...)" in the results (a training step: "the step updates the weights in
+    place ..."). ``comparable=False`` alone means the usual reason, a speed-of-light baseline that
+    computes a different function (attention without the ALiBi bias); giving ``not_compared`` implies
+    ``comparable=False``.
     """
 
     name: str
@@ -53,6 +57,14 @@ class Impl:
     cuda_only: bool = False
     comparable: bool = True
     description: str = ""
+    not_compared: str = ""
+
+    def __post_init__(self):
+        # frozen: the two fields are made consistent here, so readers may look at either
+        if self.not_compared:
+            object.__setattr__(self, "comparable", False)
+        elif not self.comparable:
+            object.__setattr__(self, "not_compared", DIFFERENT_FUNCTION)
 
     @property
     def ours(self) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import textwrap
 from datetime import datetime
 from typing import Any, Callable
 
@@ -154,7 +156,8 @@ def markdown(data: dict) -> str:
     lines = [f"### Benchmarks: {data['device']}", "",
              f"torch {data['torch']}, triton {data['triton']}, transformers {data['transformers']}, {data['date']}. "
              f"Ceilings: copy {fmt(c.get('copy_tbps'))} TB/s, bf16 matmul {fmt(c.get('bf16_tflops'))} TFLOP/s. "
-             f"Timing: {data['timing']}. Rates and % of ceiling are for fwd+bwd where timed; "
+             f"Shapes: {data.get('shapes') or 'not recorded'}. Timing: {data['timing']}. "
+             "Rates and % of ceiling are for fwd+bwd where timed; "
              "speed-up = baseline time / ours (fwd+bwd), mem = baseline peak / ours.", ""]
     if data.get("note"):
         lines += [f"> **{data['note']}**", ""]
@@ -174,36 +177,165 @@ def markdown(data: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- files
 
+PLOT_COLUMNS = 4  # panels per row: 4 x 4 inches keeps the figure 16 inches wide, readable scaled to a screen
+PLOT_DPI = 110
+_FASTER, _SLOWER, _MISSING = "#2a9d8f", "#e76f51", "#777777"
+_TICKS = [b * 10.0**e for e in range(-3, 4) for b in (1, 2, 5)]
+
+
+@dataclasses.dataclass
+class Bar:
+    """One peer in a speed-up panel: ``ratio`` = peer time / ours (None: not timed, ``why`` says so)."""
+
+    peer: str
+    ratio: float | None
+    basis: str | None  # "fwd+bwd" or "fwd": the pass the ratio is of
+    compared: bool  # False: timed but not checked against ours (another function, a training step)
+    why: str | None = None
+
+
+@dataclasses.dataclass
+class Panel:
+    """One case of the plot: its id, the shape line under it, and the bars of its peers (or why there are none)."""
+
+    case_id: str
+    subtitle: str
+    bars: list[Bar]
+    why: str | None = None  # ours has no time (error, skipped): no bars
+    ours_ms: float | None = None  # our median time of the pass the bars are of
+
+
+def _case_groups(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each case (case + variant), in the order the cases ran."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["case"], row.get("variant")), []).append(row)
+    return list(groups.values())
+
+
+def _bar(ours: dict, row: dict) -> Bar:
+    compared = not (row.get("check_note") or "").startswith("not compared")
+    if row.get("skipped"):
+        return Bar(row["impl"], None, None, compared, f"skipped: {row['skipped']}")
+    if row.get("error"):
+        return Bar(row["impl"], None, None, compared, "error")
+    entry = (ours.get("speedup") or {}).get(row["impl"]) or {}
+    for key, basis in (("fwd_bwd", "fwd+bwd"), ("fwd", "fwd")):
+        if entry.get(key) is not None:
+            return Bar(row["impl"], entry[key], basis, compared)
+    return Bar(row["impl"], None, None, compared, "not timed")
+
+
+def speedup_panels(data: dict) -> list[Panel]:
+    """One :class:`Panel` per case of ``data["results"]``: ours against each other impl of the case, as
+    speed-up = peer median time / ours (forward+backward where both were timed, else forward); > 1 means ours
+    is faster."""
+    panels = []
+    for rows in _case_groups(data["results"]):
+        first = rows[0]
+        case_id = first["case"] + (f"/{first['variant']}" if first.get("variant") else "")
+        subtitle = " ".join(f"{k}={first[k]}" for k in _shape_keys(first)) + f" {first['dtype']}"
+        ours = next((r for r in rows if r["impl"] == "tritonformers"), None)
+        if ours is None:
+            panels.append(Panel(case_id, subtitle, [], "no tritonformers row"))
+            continue
+        why = (f"tritonformers skipped ({ours['skipped']})" if ours.get("skipped")
+               else "tritonformers failed (see the table)" if ours.get("error")
+               else "tritonformers not timed" if ours.get("fwd_ms") is None else None)
+        bars = [] if why else [_bar(ours, r) for r in rows if r is not ours]
+        ms = ours.get("fwd_bwd_ms") if ours.get("fwd_bwd_ms") is not None else ours.get("fwd_ms")
+        panels.append(Panel(case_id, subtitle, bars, why or (None if bars else "no baseline"), ms))
+    return panels
+
+
+def _draw_panel(ax, panel: Panel, slots: int) -> None:
+    """Horizontal log-scale bars from 1x to each peer's speed-up, a line at 1x, the value at the bar's end;
+    ``slots`` bar positions at least, so bars are equally thick in every panel."""
+    from matplotlib.transforms import blended_transform_factory
+
+    # the shape line of an LM case is long: two lines of at most 46 characters fit a 4-inch panel
+    shape = textwrap.fill(textwrap.shorten(panel.subtitle, 92, placeholder=" ..."), 46)
+    ax.set_title(f"{panel.case_id}\n{shape}", fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1)
+    if panel.why:
+        ax.text(0.5, 0.5, panel.why, transform=ax.transAxes, ha="center", va="center", fontsize=9, color=_MISSING)
+        ax.set_xlim(0.5, 2)
+        ax.set_yticks([])
+    ratios = [b.ratio for b in panel.bars if b.ratio is not None]
+    lo, hi = min(ratios + [1.0]) / 1.5, max(ratios + [1.0]) * 3  # room for the value labels right of the bars
+    bases = {b.basis for b in panel.bars if b.basis}
+    right_edge = blended_transform_factory(ax.transAxes, ax.transData)  # x in axes fractions, y in bar slots
+    for y, bar in enumerate(panel.bars):
+        if bar.ratio is None:  # no bar: why, at the right edge inside the panel
+            ax.text(0.97, y, bar.why, transform=right_edge, va="center", ha="right", fontsize=8, color=_MISSING,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # readable over the 1x line
+            continue
+        color = _FASTER if bar.ratio >= 1 else _SLOWER
+        ax.barh(y, bar.ratio - 1.0, left=1.0, height=0.6, color=color)
+        label = f"{bar.ratio:.3g}x" + (f" {bar.basis}" if len(bases) > 1 else "")
+        # right of the bar's end, or right of the 1x line for a bar to its left: never over the peer names
+        ax.text(max(bar.ratio, 1.0) * 1.08, y, label, va="center", ha="left", fontsize=8)
+    if panel.bars:
+        ax.set_yticks(range(len(panel.bars)))
+        ax.set_yticklabels([b.peer + ("" if b.compared else " *") for b in panel.bars], fontsize=9)
+        ax.set_ylim(max(len(panel.bars), slots) - 0.5, -0.5)  # first peer on top
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel(f"speed-up, {'/'.join(sorted(bases)) or '-'} (ours {fmt(panel.ours_ms)} ms)", fontsize=8)
+    _times_axis(ax)
+
+
+def _times_axis(ax) -> None:
+    """x ticks at 1-2-5 steps labelled ``2x``, inside the limits (log axes default to decades only)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_locator(FixedLocator([t for t in _TICKS if lo <= t <= hi]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def speedup_figure(data: dict):
+    """The matplotlib figure of :func:`speedup_panels`: a grid of :data:`PLOT_COLUMNS` panels per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = speedup_panels(data)
+    cols = min(PLOT_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    most = max([len(p.bars) for p in panels] + [1])
+    panel_h = 1.4 + 0.28 * most  # title and axis, then one bar height per peer of the fullest panel
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, panel_h * rows + 1.2), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        _draw_panel(ax, panel, slots=min(most, 3))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    title = (f"tritonformers speed-up over each peer (peer time / ours; right of 1x: ours faster): "
+             f"{data['device']}, {data['date'][:16].replace('T', ' ')}")
+    if data.get("note"):
+        title += "\n" + data["note"].split(";")[0]
+    if data.get("interrupted"):
+        title += " (interrupted: finished cases only)"
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.5, 0.005, "* timed but not checked against ours (computes another function, or a training step); "
+             "fwd+bwd where timed, else fwd", ha="center", va="bottom", fontsize=8, color=_MISSING)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
+
 def plot(data: dict, path: str) -> str | None:
-    """Bar chart of fwd and fwd+bwd ms per case x impl (log scale); returns why not when it writes none."""
+    """PNG of :func:`speedup_figure` (one panel per case); returns why not when it writes none."""
     if not any(r.get("fwd_ms") is not None for r in data["results"]):
         return "no timed rows: no plot written"
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return "matplotlib is not installed (pip install 'tritonformers[bench]'): no plot written"
-    rows = [r for r in data["results"] if r.get("fwd_ms") is not None]
-    labels = [f"{r['case']}{'/' + r['variant'] if r.get('variant') else ''}\n{r['impl']}" for r in rows]
-    x = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 5.5))
-    width = 0.4
-    fwd = [r["fwd_ms"] for r in rows]
-    bwd = [r["fwd_bwd_ms"] if r.get("fwd_bwd_ms") is not None else float("nan") for r in rows]
-    ax.bar([i - width / 2 for i in x], fwd, width, label="fwd")
-    ax.bar([i + width / 2 for i in x], bwd, width, label="fwd+bwd")
-    ax.set_yscale("log")
-    ax.set_ylabel("median ms (log scale)")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    title = f"tritonformers benchmarks: {data['device']}"
-    if data.get("note"):
-        title += "\n" + data["note"].split(";")[0]
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+    fig = speedup_figure(data)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
     return None
 

@@ -79,6 +79,10 @@ class Settings:
                     "L2 flushed before each call, gradients reset to None before each call")
         return f"wall-clock median of {self.cpu_repeats} calls after 2 to 10 warm-up calls, one CPU thread"
 
+    def case_shape(self, case: Case) -> dict:
+        """The sizes this run uses: the case's GPU shape on CUDA, its tiny CPU shape otherwise."""
+        return dict(case.gpu_shape if self.cuda else case.cpu_shape)
+
     def case_dtype(self, case: Case) -> torch.dtype:
         if not case.dtype.is_floating_point:
             return case.dtype
@@ -86,6 +90,20 @@ class Settings:
             return self.dtype
         # bf16 is broken in the Triton interpreter and slow in CPU eager: float32 for the CPU smoke run
         return case.dtype if self.cuda else torch.float32
+
+
+def shape_set(settings: Settings) -> str:
+    """Which shapes a run with ``settings`` uses, in words (for ``--list`` and the result files)."""
+    if settings.cuda:
+        return "the GPU shapes"
+    why = "--cpu" if torch.cuda.is_available() else "no CUDA device"
+    return f"the tiny CPU smoke shapes ({why}); case names give the GPU sizes"
+
+
+def shape_text(case: Case, settings: Settings) -> str:
+    """``"T=64 d=256 float32"``: the sizes and dtype of ``case`` in a run with ``settings``."""
+    sizes = " ".join(f"{k}={v}" for k, v in settings.case_shape(case).items())
+    return f"{sizes} {str(settings.case_dtype(case)).replace('torch.', '')}"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -138,11 +156,45 @@ def environment(settings: Settings) -> dict:
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "cuda" if settings.cuda else "cpu",
         "note": note,
+        "shapes": shape_set(settings),
         "ours_backend": settings.ours_backend,
         "timing": settings.timing_method(),
         "peak_mib_basis": PEAK_BASIS if settings.cuda else None,
         "quick": settings.quick,
     }
+
+
+# ------------------------------------------------------------------------------------------- where results go
+
+CHECKOUT_RESULTS = os.path.join("bench", "results")
+
+
+def is_checkout(path: str) -> bool:
+    """Whether ``path`` is the root of a tritonformers source checkout: a ``bench/`` folder beside the
+    ``tritonformers/`` package or beside a ``pyproject.toml`` whose project name is tritonformers."""
+    if not os.path.isdir(os.path.join(path, "bench")):
+        return False
+    if os.path.isdir(os.path.join(path, "tritonformers")):
+        return True
+    try:
+        with open(os.path.join(path, "pyproject.toml")) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return re.search(r"""^name\s*=\s*["']tritonformers["']""", text, re.MULTILINE) is not None
+
+
+def user_results_dir() -> str:
+    """``$XDG_DATA_HOME/tritonformers/bench``, by default ``~/.local/share/tritonformers/bench``."""
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "tritonformers", "bench")
+
+
+def default_out_dir(cwd: str | None = None) -> str:
+    """Where results go without ``--out``: ``bench/results`` inside a checkout (the files the repository keeps),
+    elsewhere (an installed package run from any folder) the user's data directory, never a stray folder."""
+    cwd = os.getcwd() if cwd is None else cwd
+    return os.path.join(cwd, CHECKOUT_RESULTS) if is_checkout(cwd) else user_results_dir()
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -329,6 +381,23 @@ def _compare(outs, grads, state: CaseState, dtype: torch.dtype, tol: float | Non
     return err <= (tol if tol is not None else CHECK_TOL.get(dtype, 3e-2)), err
 
 
+def no_oracle_note(case: Case, cuda: bool) -> str:
+    """Why a case has no oracle here: no baseline at all, the comparable ones need CUDA, or none is comparable."""
+    baselines = [impl for impl in case.impls if not impl.ours]
+    if not baselines:
+        return "not checked: no baseline"
+    need_cuda = [impl.name for impl in baselines if impl.comparable and impl.cuda_only and not cuda]
+    if len(need_cuda) == 1:
+        return f"not checked: the baseline {need_cuda[0]} needs CUDA"
+    if need_cuda:
+        return f"not checked: the baselines {', '.join(need_cuda)} need CUDA"
+    reasons: dict[str, list[str]] = {}
+    for impl in baselines:
+        reasons.setdefault(impl.not_compared, []).append(impl.name)
+    why = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())
+    return f"not checked: no baseline is compared ({why})"
+
+
 # ------------------------------------------------------------------------------------------- one case
 
 def _base_row(case: Case, impl: Impl, shape: dict, dtype: torch.dtype, settings: Settings) -> dict:
@@ -355,14 +424,14 @@ def _run_impl(case: Case, impl: Impl, row: dict, state: CaseState, dtype: torch.
             state.ref_out, state.ref_grads = outs, grads
             row["check_note"] = "oracle"
         elif not impl.comparable:
-            row["check_note"] = "not compared (computes a different function)"
+            row["check_note"] = f"not compared ({impl.not_compared})"
         elif state.ref_out is not None:
             row["matches_baseline"], err = _compare(outs, grads, state, dtype, case.check_tol)
             row["max_rel_err"] = err if math.isfinite(err) else None
             row["checked_against"] = state.ref_name
         else:
             row["check_note"] = (f"not checked: the oracle {state.ref_name} failed" if state.ref_name
-                                 else "not checked: no baseline")
+                                 else no_oracle_note(case, settings.cuda))
         del outs, grads
         fwd = lambda: impl.fwd(inputs)  # noqa: E731
         row["fwd_ms"] = time_ms(fwd, state.leaves, settings)
@@ -387,7 +456,7 @@ def backend_for(impl: Impl, settings: Settings):
 def run_case(case: Case, settings: Settings, ceilings: dict, on_impl: Callable[[Case, Impl, dict], None] | None = None
              ) -> list[dict]:
     """All rows of one case, in the case's impl order; the oracle (first baseline) runs first."""
-    shape = dict(case.gpu_shape if settings.cuda else case.cpu_shape)
+    shape = settings.case_shape(case)
     dtype = settings.case_dtype(case)
     rows = {impl.name: _base_row(case, impl, shape, dtype, settings) for impl in case.impls}
     torch.manual_seed(0)
@@ -458,10 +527,17 @@ class RunResult:
     png_path: str | None
 
 
-def run(cases: Iterable[Case], *, out_dir: str = os.path.join("bench", "results"), dtype: torch.dtype | None = None,
+def run(cases: Iterable[Case], *, out_dir: str | None = None, dtype: torch.dtype | None = None,
         quick: bool = False, cuda: bool | None = None, echo: Callable[[str], None] = print) -> RunResult:
-    """Run ``cases``, write ``<out_dir>/<device-slug>-<YYYYMMDD-HHMM>.{json,md,png}``, return the data."""
+    """Run ``cases``, write ``<out_dir>/<device-slug>-<YYYYMMDD-HHMM>.{json,md,png}``, return the data.
+
+    ``out_dir`` None: :func:`default_out_dir` (``bench/results`` in a checkout, else the user's data directory).
+    """
     cases = list(cases)
+    if out_dir is None:
+        out_dir = default_out_dir()
+        why = "inside a checkout" if is_checkout(os.getcwd()) else "not inside a tritonformers checkout"
+        echo(f"results go to {out_dir} ({why}; --out DIR to choose)")
     settings = Settings(cuda=torch.cuda.is_available() if cuda is None else cuda, dtype=dtype, quick=quick)
     data = environment(settings)
     if data["note"]:
@@ -500,4 +576,5 @@ def run(cases: Iterable[Case], *, out_dir: str = os.path.join("bench", "results"
 
 __all__ = ["CPU_BANNER", "FORCED_CPU_BANNER", "Settings", "RunResult", "CaseState", "run", "run_case",
            "measure_ceilings", "time_ms", "peak_mib", "parse_dtype", "environment", "device_slug", "clear_grads",
-           "leaves_of", "backend_for", "fwd_bwd_fn", "output_tensors"]
+           "leaves_of", "backend_for", "fwd_bwd_fn", "output_tensors", "default_out_dir", "is_checkout",
+           "user_results_dir", "no_oracle_note", "shape_set", "shape_text"]

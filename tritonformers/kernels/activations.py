@@ -436,9 +436,14 @@ def _check_gelu_args(x, approximate, bias) -> None:
         raise ValueError(f"approximate must be one of {GELU_MODES}, got {approximate!r}")
     if bias is not None:
         runtime.check_tensor(bias, "bias", ndim=1)
-        runtime.check_same_dtype(x=x, bias=bias)
         runtime.check_same_device(x=x, bias=bias)
         runtime.check_shape(bias, "bias", [x.shape[-1]])
+
+
+def bias_like(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias in x's dtype: under autocast a float32 bias meets a bf16/fp16 activation, and the Linear it
+    belongs to would have rounded it to that dtype too."""
+    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none", bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -446,10 +451,12 @@ def gelu(x: torch.Tensor, approximate: str = "none", bias: torch.Tensor | None =
 
     ``approximate``: "none" (torch's exact erf GELU), "tanh" (torch's tanh approximation) or "bloom"
     (BLOOM's truncated constants with HF's per-op rounding and hand-written backward; module docstring).
-    ``bias`` [N] must have x's dtype and device; the pre-activation is ``x + bias`` rounded to x's dtype.
+    ``bias`` [N] on x's device (another float dtype, as under autocast, is cast to x's); the pre-activation is
+    ``x + bias`` rounded to x's dtype.
     Differentiable in x and bias. Raises TypeError/ValueError naming the bad argument.
     """
     _check_gelu_args(x, approximate, bias)
+    bias = bias_like(x, bias)
     if runtime.use_triton(x, op="gelu"):
         return GeluFunction.apply(x, bias, approximate)
     return gelu_reference(x, approximate, bias)

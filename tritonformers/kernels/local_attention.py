@@ -29,19 +29,37 @@ MASK_VALUES = {torch.float64: -1e9, torch.float32: -1e9, torch.bfloat16: -998244
 
 @triton.jit
 def _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
-                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EVEN_C: tl.constexpr):
     """Scores of one tile (natural units: HF's finite MASK must stay exact). ``cols`` are key positions,
-    ``slot_cols`` their in-chunk offsets: slots past the chunk are -inf (not keys at all); padding / causal
-    masking gives the finite MASK."""
+    ``slot_cols`` their in-chunk offsets: slots past the chunk are -inf (not keys at all; none when the tile
+    divides the chunk, ``EVEN_C``); padding / causal masking gives the finite MASK."""
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     keep = tl.full(s.shape, 1, tl.int1)
     if HAS_KPM:
-        key_ok = tl.load(KPM + b * L + cols, mask=slot_cols < C, other=0)
+        if EVEN_C:
+            key_ok = tl.load(KPM + b * L + cols)
+        else:
+            key_ok = tl.load(KPM + b * L + cols, mask=slot_cols < C, other=0)
         keep = keep & (key_ok != 0)[None, :]
     if CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None])
-    s = tl.where(keep, s, mask_value)
-    return tl.where((slot_cols < C)[None, :], s, float("-inf")), keep
+    if HAS_KPM or CAUSAL:
+        s = tl.where(keep, s, mask_value)
+    if not EVEN_C:
+        s = tl.where((slot_cols < C)[None, :], s, float("-inf"))
+    return s, keep
+
+
+@triton.jit
+def _load_tile(ptr, offs, slot, d_ok, C, EVEN: tl.constexpr, ROWS: tl.constexpr):
+    """A tile of rows ``slot`` of a chunk (masked past the chunk and the head dim unless ``EVEN``); ``ROWS``
+    says whether ``slot`` indexes the first (rows) or the second (columns, transposed) axis of ``offs``."""
+    if EVEN:
+        return tl.load(ptr + offs)
+    elif ROWS:
+        return tl.load(ptr + offs, mask=(slot < C)[:, None] & d_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptr + offs, mask=(slot < C)[None, :] & d_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -51,21 +69,40 @@ def _local_dropout_keep(seed, bh, rows, slot, L, WIDTH, dropout_p):
 
 
 @triton.jit
+def _local_fwd_tile(acc, m_i, l_i, q, k_base, v_base, rows, cols, slot_cols, offs_d, d_ok, skn, svn, b, bh, o, L, C,
+                    width, KPM, scale, mask_value, dropout_p, seed, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr):
+    """One key tile of the forward's online softmax (natural units); returns (acc, m_i, l_i)."""
+    kT = _load_tile(k_base, cols[None, :] * skn + offs_d[:, None], slot_cols, d_ok, C, EVEN_C and EVEN_D, False)
+    s, _ = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
+                         CAUSAL, HAS_KPM, PRECISION, EVEN_C)
+    p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, True)
+    if HAS_DROPOUT:
+        keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    v = _load_tile(v_base, cols[:, None] * svn + offs_d[None, :], slot_cols, d_ok, C, EVEN_C and EVEN_D, True)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _local_fwd_kernel(
     Q, K, V, O, LSE, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    H, L, C, NCHUNKS, BEFORE, AFTER, SUB_BLOCKS, scale, mask_value, dropout_p, seed,
+    H, L, C, NCHUNKS, BEFORE, AFTER, scale, mask_value, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
 ):
-    """Program (chunk * SUB_BLOCKS + sub-block, b * H + h): BLOCK_M query rows of one chunk, online softmax
+    """Program (chunk * sub-blocks + sub-block, b * H + h): BLOCK_M query rows of one chunk, online softmax
     over the 1 + BEFORE + AFTER adjacent key chunks. O is [B, H, L, D]; LSE [B, H, L] float32 (natural)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    chunk = pid // SUB_BLOCKS
-    in_chunk = (pid % SUB_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sub_blocks = tl.cdiv(C, BLOCK_M)
+    chunk = pid // sub_blocks
+    in_chunk = (pid % sub_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = chunk * C + in_chunk
     row_ok = in_chunk < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -81,17 +118,10 @@ def _local_fwd_kernel(
         for start in range(0, C, BLOCK_N):
             slot_cols = start + tl.arange(0, BLOCK_N)
             cols = key_chunk * C + slot_cols
-            kv_mask = (slot_cols < C)[None, :] & d_ok[:, None]
-            kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
-            s, _ = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
-                                 CAUSAL, HAS_KPM, PRECISION)
-            p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, True)
-            if HAS_DROPOUT:
-                keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), tl.trans(vT), input_precision=PRECISION)
-            m_i = m_new
+            acc, m_i, l_i = _local_fwd_tile(acc, m_i, l_i, q, K + b * skb + h * skh, V + b * svb + h * svh,
+                                            rows, cols, slot_cols, offs_d, d_ok, skn, svn, b, bh, o, L, C, width,
+                                            KPM, scale, mask_value, dropout_p, seed, CAUSAL, HAS_KPM,
+                                            HAS_DROPOUT, PRECISION, EVEN_D, EVEN_C)
     # HF forms P = exp(S - lse) with lse rounded to the model dtype; next to a finite MASK of -1e9 that
     # rounding swallows log(l), so a fully masked row sums its values instead of averaging them.
     lse = (m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0))).to(Q.dtype.element_ty).to(tl.float32)
@@ -105,19 +135,21 @@ def _local_fwd_kernel(
 def _local_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, L, C, NCHUNKS, BEFORE, AFTER, SUB_BLOCKS, scale, mask_value, dropout_p, seed,
+    H, L, C, NCHUNKS, BEFORE, AFTER, scale, mask_value, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
-    """Program (key chunk * SUB_BLOCKS + sub-block, b * H + h): BLOCK_N keys receive dV = P~^T dO and
+    """Program (key chunk * sub-blocks + sub-block, b * H + h): BLOCK_N keys receive dV = P~^T dO and
     dK = dS^T Q from every query chunk that sees them, i.e. chunk (key_chunk - o) mod N for each offset o
     (the same window slot the forward used, so duplicates and dropout draws line up)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    key_chunk = pid // SUB_BLOCKS
-    slot_cols = (pid % SUB_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sub_blocks = tl.cdiv(C, BLOCK_N)
+    key_chunk = pid // sub_blocks
+    slot_cols = (pid % sub_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = key_chunk * C + slot_cols
     col_ok = slot_cols < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -140,7 +172,7 @@ def _local_bwd_dkdv_kernel(
             lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
             s, keep_mask = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
-                                         CAUSAL, HAS_KPM, PRECISION)
+                                         CAUSAL, HAS_KPM, PRECISION, False)
             p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if HAS_DROPOUT:
@@ -162,17 +194,19 @@ def _local_bwd_dkdv_kernel(
 def _local_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    H, L, C, NCHUNKS, BEFORE, AFTER, SUB_BLOCKS, scale, mask_value, dropout_p, seed,
+    H, L, C, NCHUNKS, BEFORE, AFTER, scale, mask_value, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """Program as in the forward: dQ = dS K over the adjacent key chunks. DQ is [B, H, L, D] contiguous."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    chunk = pid // SUB_BLOCKS
-    in_chunk = (pid % SUB_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sub_blocks = tl.cdiv(C, BLOCK_M)
+    chunk = pid // sub_blocks
+    in_chunk = (pid % sub_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = chunk * C + in_chunk
     row_ok = in_chunk < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -193,7 +227,7 @@ def _local_bwd_dq_kernel(
             kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
             vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
             s, keep_mask = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
-                                         CAUSAL, HAS_KPM, PRECISION)
+                                         CAUSAL, HAS_KPM, PRECISION, False)
             p = tl.exp(s - lse[:, None])
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if HAS_DROPOUT:
@@ -207,12 +241,41 @@ def _local_bwd_dq_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def _blocks(chunk: int, head_dim: int, gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): tiles no wider than the chunk (power of two >= 16)."""
-    cap = max(16, runtime.next_power_of_2(chunk))
-    if not gpu:
-        return min(32, cap), min(32, cap), 4, 1
-    return min(128 if head_dim <= 64 else 64, cap), min(64, cap), 4 if head_dim <= 64 else 8, 2
+def _tiles(gpu_tiles: list) -> list:
+    """Autotune configs from (BLOCK_M, BLOCK_N, warps, stages); one small tile under the interpreter."""
+    if not (torch.cuda.is_available() and not runtime.interpreter_enabled()):
+        gpu_tiles = [(32, 32, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in gpu_tiles]
+
+
+def _prune_to_chunk(configs, named_args, **kwargs):
+    """Tiles no wider than the chunk (as a power of two >= 16), and at most 64 x 64 above a head dim of 128."""
+    args = {**named_args, **kwargs}
+    cap = max(16, runtime.next_power_of_2(args["C"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
+            and (args["BLOCK_D"] <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    if kept:
+        return kept
+    small = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return [triton.Config({"BLOCK_M": min(small.kwargs["BLOCK_M"], cap), "BLOCK_N": min(small.kwargs["BLOCK_N"], cap)},
+                          num_warps=small.num_warps, num_stages=small.num_stages)]
+
+
+_KEY = ["C", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT"]
+# the first tile of each list is what the launcher used before autotuning (head dim 128; 64 took 128 x 64 / 4 warps)
+_FWD_TILES = [(64, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 32, 4, 2)]
+_BWD_TILES = [(64, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2)]
+
+
+def _tuned(fn, tiles, even=False):
+    if even:
+        fn = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_M"] == 0 and a["C"] % a["BLOCK_N"] == 0})(fn)
+    return triton.autotune(configs=_tiles(tiles), key=_KEY, prune_configs_by={"early_config_prune": _prune_to_chunk})(fn)
+
+
+_local_fwd = _tuned(_local_fwd_kernel, _FWD_TILES, even=True)
+_local_bwd_dkdv = _tuned(_local_bwd_dkdv_kernel, _BWD_TILES)
+_local_bwd_dq = _tuned(_local_bwd_dq_kernel, _BWD_TILES)
 
 
 def _strides(t):
@@ -225,18 +288,13 @@ class LocalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, chunk, before, after, causal, scale, dropout_p, seed):
         B, H, L, D = q.shape
-        gpu = runtime.on_gpu(q)
-        BLOCK_M, BLOCK_N, warps, stages = _blocks(chunk, D, gpu)
         out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-        sub_blocks = triton.cdiv(chunk, BLOCK_M)
-        geometry = (H, L, chunk, L // chunk, before, after, sub_blocks, scale, MASK_VALUES[q.dtype], dropout_p,
-                    seed)
-        meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=bool(causal),
-                    HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-                    num_warps=warps, num_stages=stages)
+        geometry = (H, L, chunk, L // chunk, before, after, scale, MASK_VALUES[q.dtype], dropout_p, seed)
+        meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+                    HAS_DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), EVEN_D=D == _block_d(D))
         kpm = key_padding_mask if key_padding_mask is not None else lse
-        _local_fwd_kernel[((L // chunk) * sub_blocks, B * H)](
+        _local_fwd[lambda m: ((L // chunk) * triton.cdiv(chunk, m["BLOCK_M"]), B * H)](
             q, k, v, out, lse, kpm, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *geometry, **meta)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.geometry, ctx.meta = geometry, meta
@@ -251,18 +309,18 @@ class LocalAttentionFunction(torch.autograd.Function):
         chunk = geometry[2]
         dout = dout.contiguous()
         delta = torch.empty_like(lse)
-        _attn_bwd_delta_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](
+        delta_block = 64 if runtime.on_gpu(q) else 32
+        _attn_bwd_delta_kernel[(triton.cdiv(L, delta_block), B * H)](
             out, dout, delta, *_strides(out), *_strides(dout), H, L,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=meta["BLOCK_M"])
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)
         dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
         dk, dv = torch.empty_like(dq), torch.empty_like(dq)
         kpm = key_padding_mask if key_padding_mask is not None else lse
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
         n_chunks = L // chunk
-        _local_bwd_dkdv_kernel[(n_chunks * triton.cdiv(chunk, meta["BLOCK_N"]), B * H)](
-            q, k, v, dout, dk, dv, lse, delta, kpm, *strides,
-            *geometry[:6], triton.cdiv(chunk, meta["BLOCK_N"]), *geometry[7:], **meta)
-        _local_bwd_dq_kernel[(n_chunks * geometry[6], B * H)](
+        _local_bwd_dkdv[lambda m: (n_chunks * triton.cdiv(chunk, m["BLOCK_N"]), B * H)](
+            q, k, v, dout, dk, dv, lse, delta, kpm, *strides, *geometry, **meta)
+        _local_bwd_dq[lambda m: (n_chunks * triton.cdiv(chunk, m["BLOCK_M"]), B * H)](
             q, k, v, dout, dq, lse, delta, kpm, *strides, *geometry, **meta)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
@@ -301,9 +359,8 @@ def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_af
     1); ``causal`` is HF's ``is_decoder``; dropout draws its seed from torch's generator."""
     _validate(q, k, v, chunk_length, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p, scale)
     L = q.shape[2]
-    if L == 0:  # nothing to attend: the empty result (v.clone() keeps it on the autograd graph)
-        out = v.clone()
-        return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
+    if L == 0:
+        return empty_result(q, v, return_lse)
     if L <= chunk_length:  # HF's unchunked path: one chunk of length L, no neighbours
         chunk_length, num_chunks_before, num_chunks_after = L, 0, 0
     if runtime.use_triton(q, op="local_attention"):
@@ -322,6 +379,13 @@ def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_af
                                      return_lse=return_lse)
 
 
+def empty_result(q: torch.Tensor, v: torch.Tensor, return_lse: bool):
+    """What a sequence of length 0 gives: out [B, H, 0, D] (a clone of v, so it stays on the autograd graph)
+    and, with ``return_lse``, lse [B, H, 0]."""
+    out = v.clone()
+    return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
+
+
 def look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """HF's look_adjacent on the chunk axis (dim 2): [chunk n-before, ..., n, ..., n+after] (wrapping),
     concatenated along dim 3."""
@@ -331,9 +395,12 @@ def look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
 
 
 def local_attention_reference(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_after=0, causal=False,
-                              key_padding_mask=None, dropout_p=0.0, scale=1.0, return_lse=False, dropout_mask=None):
+                              key_padding_mask=None, dropout_p=0.0, scale=1.0, return_lse=False, dropout_mask=None,
+                              return_probs=False):
     """HF's LocalSelfAttention core, op for op: chunk, look_adjacent, dots, finite MASK, exp(dots - lse),
-    dropout, P·V. ``dropout_mask`` [B, H, N, c, K] bool (keep) replaces the random draw (tests)."""
+    dropout, P·V. ``dropout_mask`` [B, H, N, c, K] bool (keep) replaces the random draw (tests).
+    ``return_probs`` returns ``(out, probs)`` instead: the probabilities after dropout in HF's layout
+    ([B, H, N, c, K], or [B, H, L, L] on the unchunked path), what HF's ``output_attentions`` gives."""
     B, H, L, D = q.shape
     if L <= chunk_length:
         chunk_length, num_chunks_before, num_chunks_after = L, 0, 0
@@ -362,6 +429,8 @@ def local_attention_reference(q, k, v, *, chunk_length, num_chunks_before=1, num
     elif dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, vc).reshape(B, H, L, D)
+    if return_probs:
+        return out, probs.view(B, H, L, L) if n == 1 and num_chunks_before == num_chunks_after == 0 else probs
     return (out, lse.reshape(B, H, L).float()) if return_lse else out
 
 

@@ -320,6 +320,14 @@ def auto_num_buckets(sequence_length: int, chunk_length: int, max_position_embed
     return 2**p if 2**p <= limit else [2 ** (p // 2), 2 ** (p - p // 2)]
 
 
+def empty_result(qk: torch.Tensor, v: torch.Tensor, num_hashes: int, return_buckets: bool):
+    """What a sequence of length 0 gives: out [B, H, 0, D] (a clone of v, on the autograd graph) and, with
+    ``return_buckets``, buckets [B, H, num_hashes, 0]."""
+    B, H = qk.shape[:2]
+    buckets = torch.empty((B, H, num_hashes, 0), dtype=torch.long, device=qk.device)
+    return (v.clone(), buckets) if return_buckets else v.clone()
+
+
 def lsh_hash(qk: torch.Tensor, num_hashes: int, num_buckets, attention_mask=None, hash_seed=None) -> torch.Tensor:
     """HF's ``_hash_vectors``: buckets [B, H, num_hashes, L] (int64) with the per-round offsets added.
 
@@ -343,10 +351,12 @@ def lsh_hash(qk: torch.Tensor, num_hashes: int, num_buckets, attention_mask=None
             digit = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
             buckets = digit if buckets is None else buckets + product * digit
             product *= factor
-    if attention_mask is not None and bool((attention_mask == 0).any()):
-        n_buckets += 1  # an extra bucket for padded positions
-        pad = ~attention_mask.bool()[:, None, None, :].expand(buckets.shape)
-        buckets = torch.where(pad, torch.full_like(buckets, n_buckets - 1), buckets)
+    if attention_mask is not None:
+        # HF adds an extra bucket for padded positions when there are any; as a device tensor, so that
+        # hashing never waits for the GPU (a host-side `.any()` would synchronise every call)
+        pad = ~attention_mask.bool()
+        n_buckets = n_buckets + pad.any().to(buckets.dtype)
+        buckets = torch.where(pad[:, None, None, :], n_buckets - 1, buckets)
     offsets = (torch.arange(num_hashes, device=qk.device) * n_buckets).view(1, 1, -1, 1)
     return buckets + offsets
 
@@ -460,9 +470,8 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     _validate(qk, v, chunk_length, num_hashes, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p,
               buckets)
     B, H, L, D = qk.shape
-    if L == 0:  # nothing to attend: the empty result (v.clone() keeps it on the autograd graph)
-        empty = torch.empty((B, H, num_hashes, 0), dtype=torch.long, device=qk.device)
-        return (v.clone(), empty) if return_buckets else v.clone()
+    if L == 0:
+        return empty_result(qk, v, num_hashes, return_buckets)
     unchunked = L <= chunk_length
     if unchunked:  # HF: plain attention over the whole sequence; no hashing, one "round"
         chunk_length, num_chunks_before, num_chunks_after, num_hashes = L, 0, 0, 1
@@ -494,10 +503,13 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
 
 
 def lsh_attention_reference(qk, v, perm, *, chunk_length, num_hashes, num_chunks_before=1, num_chunks_after=0,
-                            causal=False, key_padding_mask=None, dropout_p=0.0, dropout_mask=None):
+                            causal=False, key_padding_mask=None, dropout_p=0.0, dropout_mask=None,
+                            return_probs=False):
     """HF's chunked LSH attention op for op, given the sort permutation ``perm`` [B, H, num_hashes * L]:
     gather, chunk, normalise keys, look_adjacent, dots, MASK then SELF, exp(dots - logsumexp), dropout, P·V,
-    unsort, combine rounds. ``dropout_mask`` [B, H, N, c, window] bool (keep) replaces the random draw."""
+    unsort, combine rounds. ``dropout_mask`` [B, H, N, c, window] bool (keep) replaces the random draw.
+    ``return_probs`` returns ``(out, probs)`` instead: the probabilities after dropout in HF's sorted layout
+    ([B, H, N, c, window], or [B, H, L, L] for one chunk of the whole sequence), HF's ``output_attentions``."""
     B, H, L, D = qk.shape
     T = perm.shape[-1]
     pos = perm % L
@@ -536,12 +548,14 @@ def lsh_attention_reference(qk, v, perm, *, chunk_length, num_hashes, num_chunks
     undo = torch.empty_like(perm).scatter_(-1, perm, torch.arange(T, device=perm.device).expand(B, H, T))
     out_r = torch.gather(out_sorted, 2, undo[..., None].expand(B, H, T, D))
     lse_r = torch.gather(lse_sorted, 2, undo)
-    if num_hashes == 1:
-        return out_r
-    out_r = out_r.view(B, H, num_hashes, L, D)
-    lse_r = lse_r.view(B, H, num_hashes, L, 1)
-    weights = torch.exp(lse_r - torch.logsumexp(lse_r, dim=2, keepdim=True))
-    return torch.sum(out_r * weights, dim=2)
+    if num_hashes > 1:
+        out_r = out_r.view(B, H, num_hashes, L, D)
+        lse_r = lse_r.view(B, H, num_hashes, L, 1)
+        weights = torch.exp(lse_r - torch.logsumexp(lse_r, dim=2, keepdim=True))
+        out_r = torch.sum(out_r * weights, dim=2)
+    if return_probs:
+        return out_r, probs.view(B, H, L, L) if n == 1 else probs
+    return out_r
 
 
 @triton.jit

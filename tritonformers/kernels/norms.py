@@ -32,7 +32,8 @@ MAX_WIDTH = 32768
 
 _TILE_ELEMENTS = 4096  # narrow rows are packed into tiles of about this many elements, enough work per program
 _MAX_ROWS_PER_TILE = 16
-_PROGRAMS_PER_SM = 8  # backward: programs per SM striding over the row tiles (2 left it latency-bound: 0.46x torch)
+_PROGRAMS_PER_SM = (2, 4, 8)  # backward: programs per SM striding over the row tiles, autotuned (the H200 run
+# of 2026-12-04 measured LayerNorm faster with 8 than with 2, RMSNorm slower)
 _SUM_BLOCK_P, _SUM_BLOCK_N = 32, 64  # partial-sum reduction on the GPU: many programs of narrow columns
 
 
@@ -58,6 +59,15 @@ def _autotune(fn):
                            prune_configs_by={"early_config_prune": _prune_warps})(fn)
 
 
+def _autotune_backward(fn):
+    """As :func:`_autotune`, also choosing the programs per SM (``PER_SM``: the grid size, see
+    :func:`_backward_grid`)."""
+    configs = runtime.autotune_configs([triton.Config({"PER_SM": p}, num_warps=c.num_warps)
+                                        for c in _warp_configs() for p in _PROGRAMS_PER_SM])
+    return triton.autotune(configs=configs, key=["N", "BLOCK_M"],
+                           prune_configs_by={"early_config_prune": _prune_warps})(fn)
+
+
 def _row_tile(n: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for rows of width ``n``: whole rows, several per tile when they are narrow."""
     block_n = runtime.next_power_of_2(n)
@@ -70,13 +80,22 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _backward_programs(device: torch.device, tiles: int) -> int:
-    """Programs of a backward launch: about as many as fit on the GPU at once, so that each keeps its
-    parameter-gradient sums in registers over many rows and the [programs, N] partials stay small."""
+def _backward_grid(device: torch.device, tiles: int) -> tuple:
+    """(the most programs any config launches, the grid for a config): about as many programs as fit on the
+    GPU at once (``PER_SM`` per multiprocessor), so each keeps its parameter-gradient sums in registers over
+    many rows and the [programs, N] partials stay small."""
     if device.type == "cuda" and not runtime.interpreter_enabled():
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(tiles, _PROGRAMS_PER_SM * _sm_count(index)))
-    return max(1, min(tiles, 4))  # interpreter: the cost is per (program x tile) either way
+        sms = _sm_count(index)
+        most = max(1, min(tiles, max(_PROGRAMS_PER_SM) * sms))
+        return most, lambda meta: (max(1, min(tiles, meta["PER_SM"] * sms)),)
+    programs = max(1, min(tiles, 4))  # interpreter: the cost is per (program x tile) either way
+    return programs, lambda meta: (programs,)
+
+
+def _launched_programs(kernel, grid) -> int:
+    """How many programs the autotuned backward kernel just ran (its partials rows to reduce)."""
+    return grid(kernel.best_config.all_kwargs())[0]
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -117,12 +136,12 @@ def _layer_norm_fwd_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, N, eps,
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@_autotune
+@_autotune_backward
 @triton.jit
 def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DS, DX, DR, DW_PART, DB_PART, M, N,
                            HAS_W: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX: tl.constexpr,
                            HAS_DR: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
     """LayerNorm backward over the row tiles pid, pid + P, ... of the [M, N] input X (P programs).
 
     With xhat = (x - mean) * rstd and g = dy * w:
@@ -193,11 +212,11 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, M, N, eps,
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@_autotune
+@_autotune_backward
 @triton.jit
 def _rms_norm_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, M, N,
                          HAS_W: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
     """RMSNorm backward over the row tiles pid, pid + P, ... of the [M, N] input X (P programs).
 
     With nhat = x * rstd and g = dy * w (dy without a weight): dx = rstd * (g - nhat * mean(g * nhat)),
@@ -327,16 +346,18 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     dx = runtime.check_out(dx, "dx", x) if compute_dx else None
     dres = runtime.check_out(dresidual, "dresidual", x) if compute_dresidual else None
     block_m, block_n = _row_tile(n)
-    programs = _backward_programs(device, triton.cdiv(m, block_m))
+    programs, grid = _backward_grid(device, triton.cdiv(m, block_m))
     dw_part = _partials(programs, n, device, compute_dweight and weight is not None)
     db_part = _partials(programs, n, device, compute_dbias and bias is not None)
     if m > 0:
-        _layer_norm_bwd_kernel[(programs,)](
+        _layer_norm_bwd_kernel[grid](
             x, x if weight is None else weight, mean, rstd, dy, x if dsum is None else dsum,
             x if dx is None else dx, x if dres is None else dres,
             mean if dw_part is None else dw_part, mean if db_part is None else db_part, m, n,
             HAS_W=weight is not None, HAS_DS=dsum is not None, HAS_DX=dx is not None, HAS_DR=dres is not None,
             HAS_DW=dw_part is not None, HAS_DB=db_part is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+        used = _launched_programs(_layer_norm_bwd_kernel, grid)
+        dw_part, db_part = (None if p is None else p[:used] for p in (dw_part, db_part))
     else:
         for p in (dw_part, db_part):
             if p is not None:
@@ -377,14 +398,16 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     _check_like(dy, "dy", x)
     dx = runtime.check_out(dx, "dx", x) if compute_dx else None
     block_m, block_n = _row_tile(n)
-    programs = _backward_programs(x.device, triton.cdiv(m, block_m))
+    programs, grid = _backward_grid(x.device, triton.cdiv(m, block_m))
     dw_part = _partials(programs, n, x.device, compute_dweight and weight is not None)
     if m > 0:
-        _rms_norm_bwd_kernel[(programs,)](
+        _rms_norm_bwd_kernel[grid](
             x, x if weight is None else weight, rstd, dy, x if dx is None else dx,
             rstd if dw_part is None else dw_part, m, n,
             HAS_W=weight is not None, HAS_DX=dx is not None, HAS_DW=dw_part is not None,
             BLOCK_M=block_m, BLOCK_N=block_n)
+        if dw_part is not None:
+            dw_part = dw_part[:_launched_programs(_rms_norm_bwd_kernel, grid)]
     elif dw_part is not None:
         dw_part.zero_()
     return dx, _reduce_partials(dw_part, weight, dweight, "dweight")
@@ -452,6 +475,19 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
+def check_residual(x: torch.Tensor, residual: torch.Tensor | None):
+    """(x, residual), checked; two float dtypes (autocast hands a bf16 activation next to a float32
+    residual) are promoted to the wider one first, as ``x + residual`` in torch would."""
+    if residual is None:
+        return x, None
+    runtime.check_tensor(residual, "residual")
+    runtime.check_same_device(x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    wide = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(wide), residual.to(wide)
+
+
 def _check_param(p, name: str, x: torch.Tensor) -> None:
     if p is None:
         return
@@ -478,7 +514,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """LayerNorm over the last dimension, optionally fused with the pre-norm residual add.
 
     ``x`` [..., N] float32/float16/bfloat16; ``weight``/``bias`` [N] or None (no scale / no shift);
-    ``residual`` [..., N] like x or None. Computes s = x + residual (rounded to x's dtype), then
+    ``residual`` [..., N] like x or None (of another float dtype under autocast: both are promoted to the
+    wider one first). Computes s = x + residual (rounded to x's dtype), then
     ``(s - mean) / sqrt(var + eps) * weight + bias`` with the biased variance in float32, output in x's
     dtype, as ``torch.nn.functional.layer_norm``. Returns y, or ``(y, s)`` when a residual is given;
     gradients flow to x, residual, weight and bias (and from both outputs).
@@ -486,12 +523,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _check_input(x)
     _check_param(weight, "weight", x)
     _check_param(bias, "bias", x)
-    if residual is not None:
-        runtime.check_tensor(residual, "residual")
-        runtime.check_same_device(x=x, residual=residual)
-        runtime.check_same_dtype(x=x, residual=residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    x, residual = check_residual(x, residual)
     eps = _check_eps(eps)
     tensors = [t for t in (x, weight, bias, residual) if t is not None]
     if runtime.use_triton(*tensors, op="layer_norm") and _kernel_fits(x, "layer_norm"):

@@ -191,7 +191,8 @@ def _check_rotary_args(q, k, cos, sin, layout) -> None:
     runtime.check_tensor(k, "k", ndim=4)
     runtime.check_tensor(cos, "cos", ndim=(2, 3))
     runtime.check_tensor(sin, "sin", ndim=(2, 3))
-    runtime.check_same_dtype(q=q, k=k, cos=cos, sin=sin)
+    runtime.check_same_dtype(q=q, k=k)
+    runtime.check_same_dtype(cos=cos, sin=sin)
     runtime.check_same_device(q=q, k=k, cos=cos, sin=sin)
     B, _, N, D = _dims(q, layout)
     kb, _, kn, kd = _dims(k, layout)
@@ -208,17 +209,24 @@ def _check_rotary_args(q, k, cos, sin, layout) -> None:
         raise ValueError(f"cos/sin batch must be 1 or q's batch {B}, got {cos.shape[0]}")
 
 
+def tables_like(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """cos/sin in q's dtype: autocast hands float32 tables next to bf16/fp16 q and k, and the rotation is
+    computed in q's dtype (as HF's, whose rotary module casts its tables to the activations' dtype)."""
+    return (cos, sin) if cos.dtype == q.dtype else (cos.to(q.dtype), sin.to(q.dtype))
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  layout: str = "bhnd") -> tuple[torch.Tensor, torch.Tensor]:
     """HF's rotary embedding: ``(q*cos + rotate_half(q)*sin, k*cos + rotate_half(k)*sin)``.
 
     q [B, Hq, N, D] and k [B, Hk, N, D] ("bhnd", default) or [B, N, Hq, D] / [B, N, Hk, D] ("bnhd"), any
-    strides, D even; cos/sin [B or 1, N, D] or [N, D], broadcast over heads. All four tensors share one
-    float dtype and device. Differentiable in q and k; cos/sin are constants on the Triton path (one that
+    strides, D even; cos/sin [B or 1, N, D] or [N, D], broadcast over heads. q and k share one float dtype,
+    cos and sin another or the same (autocast): the tables are cast to q's. All on one device. Differentiable in q and k; cos/sin are constants on the Triton path (one that
     requires grad there is unsupported: an error under the "triton" backend, the reference under "auto").
     Raises TypeError/ValueError naming the bad argument.
     """
     _check_rotary_args(q, k, cos, sin, layout)
+    cos, sin = tables_like(q, cos, sin)
     if runtime.use_triton(q, k, cos, sin, op="apply_rotary"):
         if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
             runtime.unsupported("apply_rotary", "gradients for cos/sin (they are treated as constants)")

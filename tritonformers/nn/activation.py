@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.activations import GELU_MODES, gelu, swiglu
+from ..kernels.activations import GELU_MODES
+from .functional import gelu, swiglu
 
 
 class GELU(nn.Module):

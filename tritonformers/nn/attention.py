@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import MAX_DECODE_QUERIES, alibi_slopes, attention, decode_attention
+from ..kernels.attention import MAX_DECODE_QUERIES, alibi_slopes
+from .functional import attention, decode_attention
 
 __all__ = ["ALiBiAttention", "alibi_attention_eager", "sliced_linear", "num_attention_heads"]
 

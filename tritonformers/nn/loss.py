@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.cross_entropy import REDUCTIONS, fused_linear_cross_entropy
+from ..kernels.cross_entropy import REDUCTIONS
+from .functional import fused_linear_cross_entropy
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):

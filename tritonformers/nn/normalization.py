@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.norms import layer_norm, rms_norm
+from .functional import layer_norm, rms_norm
 
 
 class LayerNorm(torch.nn.LayerNorm):

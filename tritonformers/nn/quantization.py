@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from ..kernels.int_gemm import int_attention, int_linear
 from ..kernels.int_ops import (FixedPoint, GeluConstants, QuantTensor, fixed_point, gelu_constants, int_dtype,
-                               int_gelu, int_layer_norm, int_softmax, layer_norm_constants, quantize, requant_params,
-                               requantize, softmax_constants, symmetric_scale)
+                               layer_norm_constants, requant_params, softmax_constants, symmetric_scale)
+from .functional import int_attention, int_gelu, int_layer_norm, int_linear, int_softmax, quantize, requantize
 
 FORCE_DEQUANT_OPTIONS = ("none", "gelu", "softmax", "layernorm", "nonlinear")
 
