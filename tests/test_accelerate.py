@@ -180,6 +180,29 @@ def test_fused_loss(family, backend):
     assert_close(evaluated.loss, loss, scale=10)
 
 
+def test_padding_keep_reads_only_causal_plus_padding():
+    """HF's 4D masks (bool or additive) are read as a key padding mask only when they are exactly causal
+    (bottom-right aligned) + padding; the check runs once per mask tensor."""
+    keep = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    allowed = torch.ones(3, 4, dtype=torch.bool).tril(1) & keep[:, None, :]  # 3 new queries, 1 cached key
+    assert acc.padding_keep(None, 2, 3) is None
+    assert torch.equal(acc.padding_keep(allowed[:, None], 2, 3), keep)
+    additive = torch.zeros(2, 1, 3, 4).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    assert torch.equal(acc.padding_keep(additive, 2, 3), keep)
+    packed = allowed.clone()
+    packed[1, 2, :2] = False  # the last query's sequence starts at key 2: block diagonal
+    with pytest.raises(acc._Unserved, match="not causal"):
+        acc.padding_keep(packed[:, None], 2, 3)
+
+
+def test_fused_loss_keeps_hf_tuple_outputs():
+    """``return_dict=False``: HF's tuple has the logits at a fixed position, so the head stays HF's."""
+    model = tritonformers.accelerate(MODELS["bloom"]().train(), loss=True)
+    batch, _ = _batch()
+    loss, logits = model(**batch, return_dict=False)[:2]
+    assert logits.shape == (2, 8, 64) and loss.requires_grad
+
+
 def test_diffllama_attention_falls_back_explicitly():
     """A mask our kernel cannot express (packed sequences' block diagonal) runs HF's forward with an
     HFFallbackWarning; the eager implementation (attention probabilities) runs HF's forward too."""
