@@ -195,12 +195,16 @@ def test_padding_keep_reads_only_causal_plus_padding():
         acc.padding_keep(packed[:, None], 2, 3)
 
 
-def test_fused_loss_keeps_hf_tuple_outputs():
-    """``return_dict=False``: HF's tuple has the logits at a fixed position, so the head stays HF's."""
+def test_fused_loss_keeps_hf_paths():
+    """``return_dict=False`` (HF's tuple has the logits at a fixed position) and a user's own
+    ``loss_function`` keep HF's head."""
     model = tritonformers.accelerate(MODELS["bloom"]().train(), loss=True)
     batch, _ = _batch()
     loss, logits = model(**batch, return_dict=False)[:2]
     assert logits.shape == (2, 8, 64) and loss.requires_grad
+    model.loss_function = lambda logits, labels, **kwargs: logits.sum()
+    out = model(**batch)
+    assert out.logits is not None and torch.equal(out.loss, out.logits.sum())
 
 
 def test_diffllama_attention_falls_back_explicitly():

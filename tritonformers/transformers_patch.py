@@ -192,18 +192,21 @@ def _fused_loss_head_class(base, final_norm: str):
     :func:`~tritonformers.nn.functional.fused_linear_cross_entropy` of the final hidden states: HF's
     ``ForCausalLMLoss`` (shifted labels or ``shift_labels``, ``ignore_index``, ``num_items_in_batch``) without
     the [B, T, V] logits, which the output then leaves as None. HF's forward runs unchanged otherwise
-    (no labels, no grad, ``return_dict=False`` whose tuple positions need the logits). HF's forward still
+    (no labels, no grad, ``return_dict=False`` whose tuple positions need the logits, a model whose
+    ``loss_function`` is not HF's ``ForCausalLMLoss``). HF's forward still
     runs in the fused case, with ``logits_to_keep`` an empty index so its lm_head projects nothing; the
     final norm's output (``final_norm``, a module path) is the hidden state the loss reads."""
+    from transformers.loss.loss_utils import ForCausalLMLoss  # here: importing tritonformers must not load transformers
+
     signature = inspect.signature(base.forward)
 
     class CausalLMHead(base):
         def forward(self, *args, **kwargs):
             call = signature.bind(self, *args, **kwargs)
             labels = call.arguments.get("labels")
-            if labels is None or not torch.is_grad_enabled() or \
+            if labels is None or not torch.is_grad_enabled() or self.loss_function is not ForCausalLMLoss or \
                     kwargs.get("return_dict", getattr(self.config, "return_dict", True)) is False:
-                return super().forward(*args, **kwargs)
+                return super().forward(*args, **kwargs)  # (a custom loss_function is the user's: HF's path)
             loss_kwargs = call.arguments.get("kwargs", {})
             call.arguments["labels"] = None
             call.arguments["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
