@@ -54,7 +54,7 @@ def _fsmt(shape):
         decoder_attention_heads=shape["heads"], encoder_ffn_dim=4 * shape["hidden"],
         decoder_ffn_dim=4 * shape["hidden"], max_position_embeddings=max(shape.get("N", 0), 1024), dropout=0.0,
         attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        decoder_start_token_id=2))
+        decoder_start_token_id=2, num_beams=1))  # FSMT defaults to 5 beams: the greedy case is greedy
 
 
 # family: (HF model builder, pad id for generate, GPU shape, CPU shape); the greedy cases use prompt/new.
