@@ -244,8 +244,14 @@ def test_distributed_matches_one_process(family, mode, request, corpus, work):
         tokenizer = request.getfixturevalue("ibert_dir")
         with open(os.path.join(tokenizer, "config.json"), encoding="utf-8") as f:
             model = {"model": _ibert_config(work / "ibert-config", json.load(f)["vocab_size"]), "tokenizer": tokenizer}
-    common = dict(**model, data=corpus, seq_len=16, max_steps=4, grad_accum=2, lr=3e-3, eval_sequences=3,
-                  save_every=2, progress=False, seed=2)
+    check_distributed(family, mode, work, **model, data=corpus, seq_len=16)
+
+
+def check_distributed(family, mode, work, **options):
+    """torchrun with 2 processes x batch 2 against one process x batch 4 (the test above); ``options`` name the
+    model and data."""
+    common = dict(**options, max_steps=4, grad_accum=2, lr=3e-3, eval_sequences=3, save_every=2, progress=False,
+                  seed=2)
     single = str(work / f"{family}-{mode}-single")
     with runtime.use_backend("torch"):
         train(**common, batch_size=4, out=single)

@@ -21,7 +21,7 @@ from tritonformers import runtime
 from tritonformers.training import FAMILIES, train
 from tritonformers.training.data import PairCorpus, Seq2SeqTask, pair_stream, tokenizer_fingerprint, train_batch
 
-from .test_training import _config_file, _curve, _one_thread, _records, write_corpus  # noqa: F401 (fixture)
+from .test_training import _config_file, _curve, _one_thread, _records, check_distributed, write_corpus  # noqa: F401
 
 pytest.importorskip("sacremoses")
 transformers = pytest.importorskip("transformers")
@@ -266,6 +266,24 @@ def test_fsmt_resume_gives_the_uninterrupted_curve(fsmt_dir, work):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_trains_on_parallel_files(fsmt_dir, work, capsys, monkeypatch):
+    """`tritonformers train --data x.en --target-data x.de`; resuming with another batch x processes warns that
+    the length-grouped pair order changes."""
+    from tritonformers.cli import main
+    monkeypatch.setenv("TRITONFORMERS_BACKEND", "torch")
+    source = write_pairs(work / "cli-pairs", lines=40, fmt="parallel")
+    out = str(work / "fsmt-cli")
+    flags = ["train", "--model", fsmt_dir, "--data", source, "--target-data", source[:-3] + ".de", "--out", out,
+             "--seq-len", "24", "--batch-size", "2", "--save-every", "2", "--no-progress"]
+    assert main([*flags, "--max-steps", "2"]) == 0
+    assert "eval loss" in capsys.readouterr().err
+    assert {"vocab-src.json", "vocab-tgt.json", "merges.txt", "checkpoint-2"} <= set(os.listdir(out))
+    with pytest.warns(UserWarning, match="blocks of 2 .* blocks of 4"):
+        assert main([*flags[:-5], "--batch-size", "4", "--max-steps", "3", "--no-progress",
+                     "--resume", os.path.join(out, "checkpoint-2")]) == 0
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+
+
 def test_pair_formats_targets_and_length_batches(fsmt_dir, tsv, work):
     """TSV, JSON-lines and parallel files give the same ids; sources end in </s> (source vocabulary), targets
     decode back to the German text (target vocabulary); micro-batches group similar lengths, and a batch padded
@@ -321,3 +339,28 @@ def test_fsmt_bad_input_is_refused(fsmt_dir, tsv, corpus, work):
         with pytest.raises(error, match=message), skipped:
             train(**{**base, **change})
     assert not os.path.exists(base["out"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDP / FSDP2: torchrun with 2 processes against one process (tests/test_training.py's check), no dropout
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,mode", [("reformer", "ddp"), ("fsmt", "ddp"), ("fsmt", "fsdp")])
+def test_distributed_matches_one_process(family, mode, request, corpus, work):
+    """Reformer: the reversible layers' recomputed backward under DDP's gradient hooks, LSH rotations drawn alike
+    on every rank (FSDP2 is refused: its sharded parameters reach the reversible function ungathered). FSMT: each
+    rank pads its own micro-batch, which changes no pair's loss; under FSDP2 the decoder layers are gathered
+    around ``cross_keys_values`` too (projected before the layers run)."""
+    if family == "reformer":
+        config = {**REFORMER, "hidden_dropout_prob": 0.0, "local_attention_probs_dropout_prob": 0.0,
+                  "lsh_attention_probs_dropout_prob": 0.0}
+        options = dict(model=_config_file(work / "reformer-ddp-config", model_type="reformer", **config), data=corpus)
+    else:
+        tokenizer = request.getfixturevalue("fsmt_dir")
+        with open(os.path.join(tokenizer, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        sizes = {k: saved[k] for k in ("src_vocab_size", "tgt_vocab_size")}
+        config = {**FSMT, **sizes, "dropout": 0.0}
+        options = dict(model=_config_file(work / "fsmt-ddp-config", model_type="fsmt", **config),
+                       tokenizer=tokenizer, data=request.getfixturevalue("tsv"), seq_len=24)
+    check_distributed(family, mode, work, **options)

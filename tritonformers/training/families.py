@@ -42,8 +42,10 @@ class Family:
     ValueError for a combination it cannot train. ``unused_parameters``: some parameters get no gradient in
     some mode (I-BERT's quant mode), so DDP must look for them each step. ``layer_methods``: methods other than
     ``forward`` through which the model runs a layer (I-BERT's ``float_forward``), which FSDP2 must hook to
-    gather the layer's parameters. ``fsdp=False``: the family cannot be sharded with FSDP2 (Reformer's
-    reversible layers run inside one autograd function that recomputes them in backward, outside FSDP's hooks).
+    gather the layer's parameters (FSMT's ``cross_keys_values``, run for every decoder layer before the layers).
+    ``fsdp=False``: the family cannot be sharded with FSDP2 (Reformer's reversible layers run inside one autograd
+    function that takes their parameters as inputs and recomputes the layers in backward, outside FSDP2's
+    gathering: the sharded parameters reach it as DTensors).
     """
 
     model_type: str
@@ -165,6 +167,7 @@ register_family(Family(
 register_family(Family(
     "fsmt", task="seq2seq", model_class="tritonformers.models.fsmt:FSMTForConditionalGeneration",
     tokenizer_class="tritonformers.tokenizers.fsmt:FSMTTokenizer",
-    max_positions=lambda config: config.max_position_embeddings, gradient_checkpointing=False))
+    max_positions=lambda config: config.max_position_embeddings, gradient_checkpointing=False,
+    layer_methods=("cross_keys_values",)))
 
 __all__ = ["TASKS", "Family", "FAMILIES", "PENDING", "register_family", "family_for"]

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,7 @@ class _Run:
             ckpt.restore(state, model=self.model, optimizer=self.trainer.optimizer, scheduler=self.trainer.scheduler,
                          scaler=self.trainer.scaler, ctx=ctx)
             self.step, self.position = state["step"], state["position"]
+            self._check_pair_order(state)
         self.out = Path(opts.out)
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +246,16 @@ class _Run:
         if opts.target_data is not None and family.task != "seq2seq":
             raise ValueError(f"target_data is for translation models; a {family.model_type} model trains on "
                              "data alone")
+
+    def _check_pair_order(self, state: dict) -> None:
+        """Pairs are grouped by length in blocks of batch x processes: another block size is another order."""
+        if not isinstance(self.corpus, PairCorpus) or "batch_size" not in state:
+            return
+        saved = state["batch_size"] * state["world_size"]
+        if saved != self.corpus.block:
+            warnings.warn(f"resume: the checkpoint grouped translation pairs in blocks of {saved} (batch x "
+                          f"processes), this run in blocks of {self.corpus.block}: the position continues but the "
+                          "pair order from here differs from the uninterrupted run's", stacklevel=3)
 
     def _seq_len(self) -> int:
         limit = self.family.max_positions(self.config)
