@@ -260,9 +260,12 @@ def pair_files(data: str | os.PathLike, target_data: str | os.PathLike | None) -
 
 
 def _side(text, where: str, side: str, field: str | None = None) -> str:
-    if not isinstance(text, str) or not text.strip():
-        what = f"string field {field!r} ({side}_field option)" if field else f"{side} side"
-        raise ValueError(f"{where} has no {what}" if not isinstance(text, str) else f"{where} has an empty {side} side")
+    """One side of a pair, stripped; a ValueError naming ``where`` when it is missing (no such JSON field) or
+    empty."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where} has no string field {field!r} ({side}_field option)")
+    if not text.strip():
+        raise ValueError(f"{where} has an empty {side} side")
     return text.strip()
 
 
