@@ -142,6 +142,22 @@ def test_reformer_bad_input_is_refused(reformer_dir, corpus, work):
     assert not os.path.exists(base["out"])
 
 
+@pytest.mark.parametrize("family", ["reformer", "fsmt"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_autocast_dtypes_train(family, dtype, request, corpus, work):
+    """Three steps under autocast (float16 with the grad scaler): finite losses, float32 weights written."""
+    if family == "reformer":
+        options = dict(model=request.getfixturevalue("reformer_dir"), data=corpus)
+    else:
+        options = dict(model=request.getfixturevalue("fsmt_dir"), data=request.getfixturevalue("tsv"), seq_len=24)
+    out = str(work / f"autocast-{family}-{dtype}")
+    with runtime.use_backend("torch"):
+        result = train(**options, out=out, batch_size=2, max_steps=3, dtype=dtype, progress=False, eval_sequences=2)
+    assert math.isfinite(result.loss) and math.isfinite(result.eval_loss)
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float32 for t in load_file(os.path.join(out, "model.safetensors")).values())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # FSMT: translation pairs
 # ----------------------------------------------------------------------------------------------------------
