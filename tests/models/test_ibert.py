@@ -24,9 +24,11 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritonformers import runtime
 from tritonformers.models import ibert as ib
+from tritonformers.nn import quantization
 from tests.models.common import assert_forward_arguments_match_hf, assert_output_fields_match_hf  # noqa: E402
 
 B, N, VOCAB = 3, 12, 100
@@ -282,6 +284,86 @@ def test_integer_inference_stale_scale_switch(tmp_path_factory):
     assert not torch.equal(true_scale, stale)  # the quirk changes results, so it is reproduced by default
     assert not torch.equal(emulated_true, ref)
     assert ((emulated_true - true_scale).norm() / emulated_true.norm()) < 0.05
+
+
+_CONSTANT_FNS = ("requant_params", "fixed_point", "gelu_constants", "softmax_constants", "layer_norm_constants",
+                 "symmetric_scale", "quantize")
+_KERNELS = ("int_linear", "int_attention", "int_layer_norm", "int_gelu", "int_softmax", "requantize")
+
+
+class _HostOps(TorchDispatchMode):
+    """Counts the torch ops a forward issues outside the integer kernels (what the host launches on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops, self.paused = 0, False
+        for name in _KERNELS:
+            monkeypatch.setattr(quantization, name, self._paused(getattr(quantization, name)))
+
+    def _paused(self, kernel):
+        def run(*args, **kwargs):
+            self.paused = True
+            try:
+                return kernel(*args, **kwargs)
+            finally:
+                self.paused = False
+        return run
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+def _fresh(model, state=None):
+    """A new model with ``model``'s config and state (or ``state``): nothing cached."""
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict() if state is None else state)
+    fresh.encoder.stale_layer_scale = model.encoder.stale_layer_scale
+    return fresh.eval()
+
+
+def test_integer_constants_computed_once(tmp_path_factory, monkeypatch):
+    """After the first integer forward no constant is derived again (the constant helpers raise), a forward
+    issues a few torch ops per layer besides its kernels (was ~320-360 before the constants were cached),
+    and the cached constants follow every change: in-place weight edits, load_state_dict, calibrate,
+    mode switches, the stale-scale switch, ``.data`` edits with reset_integer_constants()."""
+    _, path = _checkpoint(tmp_path_factory, "IBertModel", quant_mode=True)
+    ours = ib.IBertModel.from_pretrained(path)
+    kw = _inputs()
+    run = lambda m: m(**kw, output_attentions=True).last_hidden_state  # noqa: E731
+    with torch.no_grad():
+        first = run(ours)
+        with monkeypatch.context() as patch:
+            for name in _CONSTANT_FNS:
+                patch.setattr(quantization, name, lambda *a, **k: pytest.fail("constant recomputed per forward"))
+            counter = _HostOps(patch)
+            with counter:
+                assert torch.equal(run(ours), first)
+        # measured 49: 7 in layer 0, 13 in a stale-scale layer (HF's residual rescale), the rest in the
+        # embeddings (positions, gathers), the mask and the pooler
+        assert counter.ops <= 32 + 16 * ours.config.num_hidden_layers, counter.ops
+        assert torch.equal(run(_fresh(ours)), first)
+        ours.encoder.layer[0].attention.self.query.weight.mul_(1.5)  # in place: version counter
+        ours.embeddings.LayerNorm.bias.add_(0.05)
+        changed = run(ours)
+        assert not torch.equal(changed, first) and torch.equal(changed, run(_fresh(ours)))
+        state = ib.IBertModel.from_pretrained(path).state_dict()
+        ours.load_state_dict(state)
+        assert torch.equal(run(ours), first)
+        ours.encoder.stale_layer_scale = False
+        assert torch.equal(run(ours), run(_fresh(ours)))
+        ours.encoder.stale_layer_scale = True
+        ours.set_quant_mode(False)
+        assert torch.equal(run(ours), run(_fresh(ours)))
+        ours.set_quant_mode(True)
+        assert torch.equal(run(ours), first)
+        ours.encoder.layer[1].output.dense.bias.data.add_(0.1)  # bypasses the version counter
+        ours.reset_integer_constants()
+        assert torch.equal(run(ours), run(_fresh(ours)))
+    ours.calibrate([_inputs(seed=60)])  # new ranges, new shifts
+    with torch.no_grad():
+        recalibrated = run(ours)
+        assert not torch.equal(recalibrated, first) and torch.equal(recalibrated, run(_fresh(ours)))
 
 
 @pytest.mark.parametrize("option", ["gelu", "softmax", "layernorm", "nonlinear"])

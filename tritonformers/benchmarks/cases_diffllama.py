@@ -5,7 +5,7 @@ the two causal softmax maps against the 2D-wide value as HF's two calls count th
 Forward+backward counts 3x the projections and 3.5x the attention.
 Baselines: HF's DiffLlamaAttention with sdpa and with eager, and a two-call FlexAttention version, in the same run.
 
-Model cases at DiffLlama-1B's shape (specs/diffllama.md §10), ours against transformers (sdpa) with the same
+Model cases at DiffLlama-1B's shape (16 layers, hidden 2048, 32 heads, 8 KV heads), ours against transformers (sdpa) with the same
 random weights: ``diffllama1b_train_b1_n4096``, forward + LM loss + backward + AdamW step, bf16 weights, peak
 memory above the state after a first step (weights and optimizer states excluded); ``diffllama1b_greedy_b8``,
 prompt 128, 128 new tokens, tokens/s counting new tokens.

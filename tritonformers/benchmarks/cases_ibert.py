@@ -6,6 +6,16 @@ a reference rate (a different function: timed, not checked). ``int8_linear_ffn``
 at roberta-base shape, B32 N128 (M 4096, K 768, N 3072), with its fused epilogue (int32 bias, IntGELU,
 per-channel requantization to int8), against ``torch._int_mm`` followed by the same epilogue in torch's
 eager integer ops (the unfused reference, also the oracle). Integer cases: ``int_ops=True``, forward only.
+
+``ibert_base_*``: the roberta-base-shaped encoder (random init, calibrated by two train-mode batches),
+integer inference against transformers' quant_mode float emulation. The check allows 12% (not the 5%
+the tiny test models meet): the two agree layer by layer, but 12 layers amplify the LSBs where HF's
+float32 emulation is not integer arithmetic. Measured on the CPU (float32, torch reference backend, which
+the kernels equal bit for bit) at B8 N128: each layer fed HF's own input gives HF's int8 output except
+<= 2 LSB on <= 0.16% of the elements (relative 0.05-0.14%); end to end the relative difference grows
+steadily, 0.7% after layer 1 to 7.4% after layer 12 (the H200 run: 7.3%), at B2 N512 4.6%. HF's
+emulation is that sensitive itself: flipping one LSB in 0.1% of its own embedding outputs moves its
+layer-12 output by 7.7%, on the same per-layer curve. Both are 22% (B8 N128) from the float model.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ register(
 
 # ------------------------------------------------------------------------------------------ the model
 
+_MODEL_CHECK_TOL = 0.12  # measured 7.4% (B8 N128) and 4.6% (B2 N512) end to end: see the module docstring
 _BASE = {"vocab": 50265, "hidden": 768, "layers": 12, "heads": 12, "inter": 3072}
 _TINY = {"vocab": 100, "hidden": 32, "layers": 2, "heads": 2, "inter": 64}
 
@@ -146,12 +157,12 @@ for _name, _gpu in (("ibert_base_b8_n128", {"B": 8, "N": 128}), ("ibert_base_b32
     register(Case(
         _name, setup=_model_setup, dtype=torch.float32, bound="compute", int_ops=True, backward=False,
         flops=_model_ops, gpu_shape={**_BASE, **_gpu}, cpu_shape={**_TINY, "B": 2, "N": 16},
-        tokens=lambda s: s["B"] * s["N"], check_tol=0.05,
+        tokens=lambda s: s["B"] * s["N"], check_tol=_MODEL_CHECK_TOL,
         impls=[Impl(OURS, _encode, prepare=_model_prepare("ours"),
                     description="tritonformers IBertModel, integer inference (int8 GEMMs, integer softmax/GELU/LN)"),
                Impl("hf_quant", _encode, prepare=_model_prepare("hf_quant"),
-                    description="transformers IBertModel, quant_mode (float emulation): the oracle, within the "
-                                "quantisation noise the spec measured (<5% relative)"),
+                    description="transformers IBertModel, quant_mode (float emulation): the oracle; its float32 "
+                                "LSBs, amplified over 12 layers, differ from exact integers by ~7% (see module doc)"),
                Impl("hf_float", _encode, prepare=_model_prepare("hf_float"), comparable=False,
                     description="transformers IBertModel, quant_mode=False, same weights"),
                Impl("roberta_fp16", _encode, prepare=_model_prepare("roberta_fp16"), comparable=False,

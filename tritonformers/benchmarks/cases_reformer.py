@@ -142,7 +142,7 @@ for _hashes in (2, 4):
 
 # ------------------------------------------------------------------------------------------ models
 # Both models get the same random weights (no hub access): transformers' ReformerModelWithLMHead is built from
-# the published configuration (specs/reformer.md §13) and ours loads its state dict. Training steps keep the
+# the published configuration (the checkpoint's config.json) and ours loads its state dict. Training steps keep the
 # checkpoints' dropouts; LSH hashing is seeded (hash_seed) so the forward outputs are comparable.
 
 _ENWIK8 = dict(layers=("local", "local", "lsh", "local", "local", "local", "lsh", "local", "local", "local", "lsh",

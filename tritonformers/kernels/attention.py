@@ -7,7 +7,7 @@
 q [B, H, Nq, D], k/v [B, H, Nk, D] (any strides with a unit last stride), key_padding_mask [B, Nk]
 (true/1 = a real token, HF's attention_mask), alibi_slopes [H] float32. ALiBi adds ``slope * pos`` with
 ``pos = (cumsum(mask) - 1) * mask`` when a mask is given, else the key index; as HF does, the product is
-formed in float32 and rounded to the model dtype before it is added (specs/bloom.md §4.4). Causal
+formed in float32 and rounded to the model dtype before it is added (transformers' BLOOM build_alibi_tensor). Causal
 masking is aligned bottom-right when Nq < Nk (prefill after a cache). A query row with no visible key
 outputs 0 and has lse = -inf. Nothing of size Nq x Nk is ever stored: forward saves the output and the
 lse; backward recomputes the probabilities block by block (FlashAttention-2).
@@ -530,7 +530,9 @@ def _block_d(head_dim: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 must meet the 1e-4 parity contract: tf32 (the default for fp32 dots) would not.
+    """``tl.dot``'s input_precision for operands of ``dtype``: "ieee" for float32, whose 1e-4 parity contract
+    tf32 (Triton's default for float32 dots) would miss. Half-precision dots are native whatever is passed:
+    "tf32" there is only the default spelled out, not a rounding of fp16/bf16 operands."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -849,7 +851,7 @@ def dropout_keep_mask(B, H, NQ, NK, dropout_p, seed, device) -> torch.Tensor:
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
-    """BLOOM's ALiBi slopes [num_heads] float32, with HF's exact float32 ops (specs/bloom.md §4.1)."""
+    """BLOOM's ALiBi slopes [num_heads] float32, with HF's exact float32 ops (transformers' BLOOM build_alibi_tensor)."""
     closest = 2 ** math.floor(math.log2(num_heads))
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), device=device, dtype=torch.float32)
     powers = torch.arange(1, 1 + closest, device=device, dtype=torch.int32)

@@ -1,7 +1,7 @@
 """Fused differential attention (DiffLlama), forward and backward.
 
 For head pair j = 0..H/2-1 with r = H / Hkv query heads per KV head, g = j // r and g' = g + Hkv/2
-(specs/diffllama.md §5.3: heads pair j with j + H/2, not 2j with 2j+1):
+(transformers' DiffLlamaAttention: heads pair j with j + H/2, not 2j with 2j+1):
 
     A_j = softmax(scale * q_j k_g^T + mask)            B_j = softmax(scale * q_{j+H/2} k_{g'}^T + mask)
     W_g = [v_g | v_g']  (width 2D)                      Y_j = A_j W_g - lambda * B_j W_g
@@ -30,7 +30,6 @@ from .. import runtime
 from .attention import (MAX_HEAD_DIM, _block_d, _masked_softmax_attention, _online_softmax_step, _precision,
                         _probabilities, _scores, attention_reference, check_scale)
 
-_NO_ALIBI = dict(HAS_ALIBI=False, HAS_POS=False)
 
 
 @triton.jit
@@ -602,7 +601,7 @@ def diff_attention(q, k, v, lambda_full, lambda_init, *, causal=True, key_paddin
 
 def diff_attention_reference(q, k, v, lambda_full, lambda_init, *, causal=True, key_padding_mask=None, eps=1e-5,
                              scale=None):
-    """HF's eager data flow (specs/diffllama.md §5.2): V split over its KV heads into halves, each tiled
+    """HF's eager data flow (transformers' DiffLlamaAttention): V split over its KV heads into halves, each tiled
     twice; two GQA attentions (float32 softmax, probabilities cast back before P·V); concatenation; head
     halves paired; P - lambda N; RMSNorm over 2D in float32, cast back; times (1 - lambda_init)."""
     kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)

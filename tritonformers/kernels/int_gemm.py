@@ -6,7 +6,7 @@ and the exact fixed-point arithmetic are those of :mod:`.int_ops`.
 in registers, in this order and each optional:
 
 1. prescale ``acc = rhe(acc * m_p / 2**e_p)`` (per tensor: the stale-scale emulation of HF's layers >= 1,
-   specs/ibert.md section 5);
+   HF's QuantAct keeps the previous layer's scale);
 2. ``+ bias`` (int32, per output channel);
 3. IntGELU (per channel constants, int64 result);
 4. requantization ``clamp(rhe(v * m[n] / 2**e[n]) + rhe(r * m1 / 2**e1), -2**(b-1), 2**(b-1) - 1)``
@@ -84,7 +84,8 @@ def _prune_attention(configs, named_args, **kwargs):
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_GELU", "HAS_REQUANT"],
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_PRESCALE", "HAS_GELU",
+                                                "HAS_REQUANT", "HAS_RES"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -151,7 +152,7 @@ def _int_linear_kernel(X, W, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
 
 
 @triton.jit
-def _scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D: tl.constexpr):
+def _int_scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D: tl.constexpr):
     """int32 scores [BLOCK_M, BLOCK_N] of the query tile against keys ``cols`` (int8 MMA)."""
     kt = tl.load(K + kb + cols.to(tl.int64)[None, :] * skn + tl.arange(0, BLOCK_D)[:, None],
                  mask=d_ok[:, None] & (cols < NK)[None, :], other=0)
@@ -195,7 +196,7 @@ def _int_attention_kernel(Q, K, V, MASK, P, Y, X0, BI, CI, EM, EE, OM, OE,
     mx = tl.full([BLOCK_M], -(2 ** 31), tl.int32)
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D)
+        s = _int_scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D)
         keep = (cols < NK)[None, :]
         if HAS_MASK:
             keep = keep & (tl.load(MASK + mb + rows[:, None] * smq + cols[None, :] * smk,
@@ -208,7 +209,7 @@ def _int_attention_kernel(Q, K, V, MASK, P, Y, X0, BI, CI, EM, EE, OM, OE,
     total = tl.zeros([BLOCK_M], tl.int64)
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D)
+        s = _int_scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D)
         keep = (cols < NK)[None, :]
         if HAS_MASK:
             keep = keep & (tl.load(MASK + mb + rows[:, None] * smq + cols[None, :] * smk,
@@ -223,7 +224,7 @@ def _int_attention_kernel(Q, K, V, MASK, P, Y, X0, BI, CI, EM, EE, OM, OE,
     for start in range(0, NK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < NK
-        s = _scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D)
+        s = _int_scores(q, K, kb, cols, d_ok, NK, skn, BLOCK_D)
         keep = col_ok[None, :]
         if HAS_MASK:
             keep = keep & (tl.load(MASK + mb + rows[:, None] * smq + cols[None, :] * smk,

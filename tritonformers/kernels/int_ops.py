@@ -3,7 +3,7 @@
 Representation
 --------------
 A quantized tensor is a :class:`QuantTensor` ``(values, scale)``: ``values`` an integer tensor (int8 where
-the algorithm is 8-bit, int16/int32/int64 where it is wider: specs/ibert.md gives every width) and
+the algorithm is 8-bit, int16/int32/int64 where it is wider: each op's docstring gives its width) and
 ``scale`` a float32 tensor of shape [1] (per tensor) or [C] (per channel, the last dimension); the real
 value is ``values * scale``. ``scale=None`` marks a plain float tensor of real values (what a
 force-dequantized module returns; HF's ``(x, None)``). Scales are the only floats of the integer path:
@@ -32,11 +32,12 @@ float emulation in :mod:`tritonformers.nn.quantization`):
 * :func:`int_linear` / :func:`int_attention` (the int8 GEMMs) live in :mod:`.int_gemm`.
 
 Where HF's float emulation differs from exact integer math (IntGELU/IntLayerNorm internals on values
-> 2**24, the softmax's float32 ``exp / exp_sf``): see each op's docstring and specs/ibert.md section 6.
+> 2**24, the softmax's float32 ``exp / exp_sf``): see each op's docstring (transformers.models.ibert.quant_modules).
 """
 
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple
 
 import torch
@@ -145,13 +146,30 @@ def requant_params(in_scale: torch.Tensor, out_scale: torch.Tensor) -> FixedPoin
     return fixed_point(in_scale.to(torch.float64) / out_scale.to(torch.float32).to(torch.float64))
 
 
+_NARROWED: collections.OrderedDict = collections.OrderedDict()
+_NARROWED_MAX = 1024
+
+
 def narrow_params(fp: FixedPoint) -> FixedPoint:
     """(m, e) rewritten for :func:`_mul_round_shift_narrow` (shift in 1..62), exact for |x| <= 2**31
     after a clamp to <= 32 bits: e >= 63 gives 0 (|x m| <= 2**62), e = 0 doubles m against e = 1, and
-    e < 0 (a ratio >= 2**31, whose nonzero results all pass 2**31) becomes +-2**32 against e = 1."""
+    e < 0 (a ratio >= 2**31, whose nonzero results all pass 2**31) becomes +-2**32 against e = 1.
+
+    Memoised on the two tensors (identity and version counter; the entry holds them, so an id is never
+    reused while cached): a model passes the same calibrated constants every forward, and rewriting them
+    costs ~11 tiny device ops per launch."""
     m, e = fp
-    m = torch.where(e >= 63, 0, torch.where(e == 0, 2 * m, torch.where(e < 0, torch.sign(m) << 32, m)))
-    return FixedPoint(m, e.clamp(1, 62))
+    key = (id(m), m._version, id(e), e._version)
+    hit = _NARROWED.get(key)
+    if hit is not None:
+        _NARROWED.move_to_end(key)
+        return hit[2]
+    m_narrow = torch.where(e >= 63, 0, torch.where(e == 0, 2 * m, torch.where(e < 0, torch.sign(m) << 32, m)))
+    narrowed = FixedPoint(m_narrow, e.clamp(1, 62))
+    _NARROWED[key] = (m, e, narrowed)
+    if len(_NARROWED) > _NARROWED_MAX:
+        _NARROWED.popitem(last=False)
+    return narrowed
 
 
 def gelu_constants(scale: torch.Tensor) -> GeluConstants:

@@ -37,7 +37,7 @@ from .outputs import (BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputW
 from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
 from .outputs import keep_logits as _keep_logits, last_token_states as _last_token_states, on_device as _on
 from .outputs import cache_argument, returned as _returned
-from .loading import ConfigBase, PreTrainedMixin
+from .loading import ConfigBase, PreTrainedMixin, hf_init_
 
 __all__ = [
     "BloomConfig", "BloomPreTrainedModel", "BloomModel", "BloomForCausalLM", "BloomForSequenceClassification",
@@ -136,16 +136,7 @@ class BloomPreTrainedModel(PreTrainedMixin, nn.Module):
     base_model_prefix = "transformer"
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        hf_init_(module, self.config.initializer_range)
 
     def _post_init(self) -> None:
         """HF's ``post_init``: initialise (a head skips its base model, already initialised) and tie."""

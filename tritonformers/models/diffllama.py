@@ -49,7 +49,7 @@ from .outputs import causal_lm_targets as _causal_lm_targets, classification_los
 from .outputs import keep_logits as _keep_logits, last_token_states as _last_token_states, on_device as _on
 from .outputs import cache_argument, returned as _returned
 from .generation import GenerationConfig, GenerationMixin, KVCache
-from .loading import ConfigBase, PreTrainedMixin
+from .loading import ConfigBase, PreTrainedMixin, hf_init_
 from .rope import RotaryEmbedding, standardize_rope_parameters
 
 __all__ = [
@@ -297,16 +297,8 @@ class DiffLlamaPreTrainedModel(PreTrainedMixin, nn.Module):
     base_model_prefix = "model"
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range or 0.02
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None and not module.weight.is_meta:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, RMSNorm) and module.weight is not None:
+        hf_init_(module, self.config.initializer_range or 0.02)
+        if isinstance(module, RMSNorm) and module.weight is not None:
             nn.init.ones_(module.weight)
         if isinstance(module, DiffLlamaAttention):
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):

@@ -1,7 +1,7 @@
 """FSMT (fairseq's WMT19 translation models) on the tritonformers kernels, loading and matching HuggingFace's
-``transformers`` FSMT (specs/fsmt.md): ``FSMTConfig``, ``FSMTModel``, ``FSMTForConditionalGeneration``.
+``transformers`` FSMT (transformers.models.fsmt.modeling_fsmt): ``FSMTConfig``, ``FSMTModel``, ``FSMTForConditionalGeneration``.
 
-A post-norm encoder-decoder (specs/fsmt.md §4-6):
+A post-norm encoder-decoder (as transformers' modeling_fsmt):
 
 * every attention (padding-masked encoder self-attention, causal decoder self-attention, cross-attention over
   the encoder output) runs through :func:`tritonformers.nn.functional.attention`, or
@@ -128,7 +128,7 @@ class Seq2SeqLMOutput(ModelOutput):
 
 def sinusoidal_positions(rows: int, dim: int, padding_idx: int | None, dtype=torch.float32,
                          device=None) -> torch.Tensor:
-    """fairseq's table [rows, dim] (specs/fsmt.md §3), in float32 then cast to ``dtype`` (as HF rounds it):
+    """fairseq's table [rows, dim] (fairseq's SinusoidalPositionalEmbedding), in float32 then cast to ``dtype`` (as HF rounds it):
     ``freq_j = exp(-j ln(10000) / (half - 1))``, row r = [sin(r freq), cos(r freq)] (+ a zero column for odd
     dim), row ``padding_idx`` all zeros."""
     half = dim // 2
@@ -324,7 +324,7 @@ class EncoderLayer(_FeedForwardMixin, nn.Module):
 
 
 class DecoderLayer(_FeedForwardMixin, nn.Module):
-    """Post-norm: causal self-attention, cross-attention over the encoder output, FFN (specs/fsmt.md §6)."""
+    """Post-norm: causal self-attention, cross-attention over the encoder output, FFN (HF's DecoderLayer)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()

@@ -12,8 +12,9 @@ load unchanged, including the QuantAct ranges ``x_min``/``x_max``/``act_scaling_
 * ``int_forward(...)``: inference on integer tensors (:class:`QuantTensor` = integer values + float32
   scale), through the integer kernels of :mod:`tritonformers.kernels.int_ops` / ``int_gemm`` (Triton on
   CUDA, exact torch integer references on the CPU). It never updates ranges or buffers (frozen, whatever
-  the train/eval mode), and recomputes the integer weights from the float parameters as HF does (cached
-  while a parameter is unchanged). Successive modules fuse: ``QuantLinear.int_forward(x, gelu=...,
+  the train/eval mode), and derives the integer weights and every constant from the float parameters and
+  ranges as HF does, once: each module caches them (:class:`_ConstCache`) until a tensor they come from
+  changes, so a forward runs only the kernels. Successive modules fuse: ``QuantLinear.int_forward(x, gelu=...,
   output_act=..., identity=...)`` runs the GEMM, IntGELU and the requantization with the residual in one
   kernel; ``IntLayerNorm.int_forward(x, output_act=...)`` and ``IntGELU.int_forward(x, output_act=...)``
   requantize in their own kernels. A module whose ``quant_mode`` is off (``force_dequant``) returns a
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from ..kernels.int_ops import (FixedPoint, QuantTensor, fixed_point, gelu_constants, int_dtype, layer_norm_constants,
-                               requant_params, softmax_constants, symmetric_scale)
+from ..kernels.int_ops import (FixedPoint, GeluConstants, QuantTensor, fixed_point, gelu_constants, int_dtype,
+                               layer_norm_constants, requant_params, softmax_constants, symmetric_scale)
 from .functional import int_attention, int_gelu, int_layer_norm, int_linear, int_softmax, quantize, requantize
 
 FORCE_DEQUANT_OPTIONS = ("none", "gelu", "softmax", "layernorm", "nonlinear")
@@ -155,23 +156,55 @@ def symmetric_linear_quantization_params(num_bits, saturation_min, saturation_ma
 
 # ------------------------------------------------------------------------------ helpers of the integer path
 
-class _WeightCache:
-    """The integer copy of a float parameter, recomputed only when the parameter changes: its version
-    counter (optimizer steps, ``load_state_dict``, in-place ops under ``no_grad``) or its storage. An
-    in-place edit through ``param.data`` bypasses the version counter: call ``clear()`` after one."""
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents without reading them: its in-place edit counter (inference
+    tensors have none, and nothing here edits them) and its storage (``module.to()`` swaps a parameter's
+    ``.data``, keeping the object)."""
+    return (-1 if t.is_inference() else t._version, t.data_ptr(), t.device)
+
+
+class _ConstCache:
+    """Constants of the integer path (integer weights, quantized biases, fixed-point multipliers, GELU /
+    softmax / LayerNorm constants, output scales), computed once and returned until a dependency changes.
+
+    ``get(deps, compute)``: ``deps`` is a tuple of tensors (parameters, buffers, or scales that other
+    caches return, so the same objects forward after forward) and plain values (flags, sizes, a tag).
+    A tensor dependency matches only the same object with the same :func:`_stamp`, so a reassigned
+    buffer (train-mode calibration, ``shift`` growth), an in-place edit (``load_state_dict``, optimizer
+    steps), a device move or a mode change (another branch, other deps) recomputes. An edit through
+    ``param.data`` bypasses the version counter: call ``clear()`` (or the model's
+    ``reset_integer_constants()``) after one. Keeps the last :attr:`SIZE` entries (``embeddings_act1``
+    runs twice per forward on different scales; the stale-scale switch alternates two inputs).
+    """
+
+    SIZE = 8
 
     def __init__(self):
-        self.key = None
-        self.value = None
+        self.entries = []
 
     def clear(self) -> None:
-        self.key = self.value = None
+        self.entries = []
 
-    def get(self, param: torch.Tensor, compute):
-        key = (param._version, param.data_ptr(), param.device, param.dtype, param.shape)
-        if key != self.key:
-            self.key, self.value = key, compute()
-        return self.value
+    @staticmethod
+    def _matches(old: tuple, new: tuple) -> bool:
+        if len(old) != len(new):
+            return False
+        for a, b in zip(old, new):
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if a is not b:
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    def get(self, deps: tuple, compute):
+        stamps = tuple(_stamp(d) if isinstance(d, torch.Tensor) else None for d in deps)
+        for old, old_stamps, value in self.entries:
+            if old_stamps == stamps and self._matches(old, deps):
+                return value
+        value = compute()
+        self.entries = [(deps, stamps, value)] + self.entries[:self.SIZE - 1]
+        return value
 
 
 def _check_quant_tensor(x, name: str, *, quantized: bool | None = None) -> QuantTensor:
@@ -220,10 +253,11 @@ def _fusable_act(output_act, identity) -> bool:
     return output_act.quant_mode
 
 
-def _residual_args(identity: QuantTensor | None, out_scale: torch.Tensor):
+def _residual_args(identity: QuantTensor | None, output_act: "QuantAct"):
+    """The residual's values and the (cached) fixed point of its scale to ``output_act``'s."""
     if identity is None:
         return None, None
-    return identity.values, requant_params(identity.scale, out_scale)
+    return identity.values, output_act.requant_from(identity.scale)
 
 
 # ------------------------------------------------------------------------------ modules
@@ -253,7 +287,7 @@ class QuantEmbedding(nn.Module):
         self.quant_mode = quant_mode
         self.percentile_mode = False
         self.weight_function = SymmetricQuantFunction.apply
-        self._int_cache = _WeightCache()
+        self._int_cache = _ConstCache()
 
     def _embedding(self, x, weight):
         return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
@@ -269,12 +303,13 @@ class QuantEmbedding(nn.Module):
         return self._embedding(x, self.weight_integer) * self.weight_scaling_factor, self.weight_scaling_factor
 
     def quantized_weight(self) -> QuantTensor:
-        """The integer table (int dtype of ``weight_bit``) and its per-tensor scale, from the float weight."""
+        """The integer table (int dtype of ``weight_bit``) and its per-tensor scale, from the float weight
+        (cached while the weight is unchanged, see :class:`_ConstCache`)."""
         def compute():
             w = self.weight.detach()
             scale = symmetric_scale(self.weight_bit, w.min().expand(1), w.max().expand(1))
             return QuantTensor(quantize(w, scale, self.weight_bit), scale)
-        return self._int_cache.get(self.weight, compute)
+        return self._int_cache.get(("weight", self.weight, self.weight_bit), compute)
 
     def int_forward(self, input_ids: torch.Tensor) -> QuantTensor:
         """Integer rows ``Wq[input_ids]`` [..., C] with the table's scale (a gather: no kernel needed)."""
@@ -308,6 +343,7 @@ class QuantAct(nn.Module):
         self.act_scaling_factor = nn.Buffer(torch.zeros(1))
         self.x_min -= 1e-5
         self.x_max += 1e-5
+        self._int_cache = _ConstCache()
 
     def __repr__(self):
         return (f"{self.__class__.__name__}(activation_bit={self.activation_bit}, "
@@ -348,8 +384,15 @@ class QuantAct(nn.Module):
         return quant_act_int * self.act_scaling_factor.view(-1), self.act_scaling_factor
 
     def output_scale(self) -> torch.Tensor:
-        """The scale of this QuantAct's output for its current range (float32 [1])."""
-        return symmetric_scale(self.activation_bit, self.x_min, self.x_max)
+        """The scale of this QuantAct's output for its current range (float32 [1]); cached: the same
+        tensor object until ``x_min``/``x_max`` change, so the constants derived from it stay cached too."""
+        return self._int_cache.get(("scale", self.x_min, self.x_max, self.activation_bit),
+                                   lambda: symmetric_scale(self.activation_bit, self.x_min, self.x_max))
+
+    def requant_from(self, in_scale: torch.Tensor) -> FixedPoint:
+        """The fixed point of ``in_scale -> output_scale()`` (HF's FixedPointMul multiplier; cached)."""
+        out_scale = self.output_scale()
+        return self._int_cache.get(("requant", in_scale, out_scale), lambda: requant_params(in_scale, out_scale))
 
     def int_forward(self, x: QuantTensor, identity: QuantTensor | None = None) -> QuantTensor:
         """Requantize integer ``x`` (+ ``identity``, each rounded separately) to ``activation_bit`` bits
@@ -366,8 +409,8 @@ class QuantAct(nn.Module):
             return QuantTensor(quantize(x.values, scale, self.activation_bit), scale)
         if identity is not None and identity.scale is None:
             raise ValueError("identity must be quantized when x is (HF's FixedPointMul needs its scale)")
-        res, res_q = _residual_args(identity, scale)
-        values = requantize(x.values, requant_params(x.scale, scale), self.activation_bit, residual=res,
+        res, res_q = _residual_args(identity, self)
+        values = requantize(x.values, self.requant_from(x.scale), self.activation_bit, residual=res,
                             residual_requant=res_q)
         return QuantTensor(values, scale)
 
@@ -399,7 +442,7 @@ class QuantLinear(nn.Module):
         self.bias_bit = bias_bit
         self.percentile_mode = False
         self.weight_function = SymmetricQuantFunction.apply
-        self._int_cache = _WeightCache()
+        self._int_cache = _ConstCache()
 
     def __repr__(self):
         s = super().__repr__()
@@ -431,12 +474,23 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantTensor:
         """The int8 weight [N, K] and its scale ([N] per channel, else [1]), from the float weight
-        (cached while the weight is unchanged; ``self._int_cache.clear()`` after edits through ``.data``)."""
+        (cached while the weight is unchanged; ``self._int_cache.clear()`` after edits through ``.data``,
+        see :class:`_ConstCache`)."""
         def compute():
             w = self.weight.detach()
             scale = symmetric_scale(self.weight_bit, *self._weight_range(w), self.per_channel)
             return QuantTensor(quantize(w, scale, self.weight_bit), scale)
-        return self._int_cache.get(self.weight, compute)
+        return self._int_cache.get(("weight", self.weight, self.weight_bit, self.per_channel), compute)
+
+    def quantized_bias(self, weight_scale: torch.Tensor, in_scale: torch.Tensor):
+        """HF's accumulator scale ``s_w * s_in`` [N] and the bias quantized to it (int32 [N], None without
+        a bias), cached while the bias and both scales are unchanged."""
+        def compute():
+            acc_scale = weight_scale * in_scale
+            if self.bias is None:
+                return acc_scale, None
+            return acc_scale, quantize(self.bias.detach(), acc_scale, self.bias_bit).to(torch.int32)
+        return self._int_cache.get(("bias", self.bias, weight_scale, in_scale, self.bias_bit), compute)
 
     def int_forward(self, x: QuantTensor, *, gelu: IntGELU | None = None, output_act: QuantAct | None = None,
                     identity: QuantTensor | None = None, assumed_scale: torch.Tensor | None = None) -> QuantTensor:
@@ -460,12 +514,12 @@ class QuantLinear(nn.Module):
             raise ValueError("QuantLinear's input must be int8, quantized per tensor (scale of shape [1])")
         table = self.quantized_weight()
         in_scale = x.scale if assumed_scale is None else assumed_scale
-        acc_scale = table.scale * in_scale
-        bias = None
-        if self.bias is not None:
-            bias = quantize(self.bias.detach(), acc_scale, self.bias_bit).to(torch.int32)
-        prescale = None if assumed_scale is None else requant_params(x.scale, assumed_scale)
-        gelu_c = gelu_constants(acc_scale) if gelu is not None and gelu.quant_mode else None
+        acc_scale, bias = self.quantized_bias(table.scale, in_scale)
+        prescale = None
+        if assumed_scale is not None:
+            prescale = self._int_cache.get(("prescale", x.scale, assumed_scale),
+                                           lambda: requant_params(x.scale, assumed_scale))
+        gelu_c = gelu.constants(acc_scale) if gelu is not None and gelu.quant_mode else None
         if gelu is not None and gelu_c is None:  # GELU dequantized: no fusion past the accumulator
             acc = QuantTensor(int_linear(x.values, table.values, bias, prescale=prescale), acc_scale)
             return _act_chain(gelu.int_forward(acc), output_act, identity)
@@ -474,9 +528,9 @@ class QuantLinear(nn.Module):
             y = QuantTensor(int_linear(x.values, table.values, bias, prescale=prescale, gelu=gelu_c), out_scale)
             return _act_chain(y, output_act, identity)
         scale = output_act.output_scale()
-        res, res_q = _residual_args(identity, scale)
+        res, res_q = _residual_args(identity, output_act)
         values = int_linear(x.values, table.values, bias, prescale=prescale, gelu=gelu_c,
-                            requant=requant_params(out_scale, scale), bits=output_act.activation_bit,
+                            requant=output_act.requant_from(out_scale), bits=output_act.activation_bit,
                             residual=res, residual_requant=res_q)
         return QuantTensor(values, scale)
 
@@ -496,6 +550,7 @@ class IntGELU(nn.Module):
         self.const = 14  # dummy integer constant
         self.coeff = [-0.2888, -1.769, 1]  # a(x+b)**2 + c
         self.coeff[2] /= self.coeff[0]
+        self._int_cache = _ConstCache()
 
     def int_erf(self, x_int, scaling_factor):
         b_int = torch.floor(self.coeff[1] / scaling_factor)
@@ -518,6 +573,10 @@ class IntGELU(nn.Module):
         scaling_factor = scaling_factor * sigmoid_scaling_factor / 2
         return x_int * scaling_factor, scaling_factor
 
+    def constants(self, scale: torch.Tensor) -> GeluConstants:
+        """:func:`gelu_constants` of the input scale (cached per scale tensor)."""
+        return self._int_cache.get(("gelu", scale), lambda: gelu_constants(scale))
+
     def int_forward(self, x: QuantTensor, output_act: QuantAct | None = None) -> QuantTensor:
         """IntGELU on the integer accumulator ``x`` (int32, per-channel scale): int64 values with the
         (negative) output scale, or, with ``output_act``, requantized in the same kernel."""
@@ -527,11 +586,11 @@ class IntGELU(nn.Module):
             return _act_chain(QuantTensor(F.gelu(x.dequantize()), None), output_act, None)
         if x.scale is None:
             raise ValueError("IntGELU's input must be quantized (an integer accumulator with its scale)")
-        c = gelu_constants(x.scale)
+        c = self.constants(x.scale)
         if not fuse_act:
             return _act_chain(QuantTensor(int_gelu(x.values, c), c.scale), output_act, None)
         scale = output_act.output_scale()
-        return QuantTensor(int_gelu(x.values, c, requant_params(c.scale, scale), output_act.activation_bit), scale)
+        return QuantTensor(int_gelu(x.values, c, output_act.requant_from(c.scale), output_act.activation_bit), scale)
 
 
 class IntSoftmax(nn.Module):
@@ -551,6 +610,7 @@ class IntSoftmax(nn.Module):
         self.coef = [0.35815147, 0.96963238, 1.0]  # ax**2 + bx + c
         self.coef[1] /= self.coef[0]
         self.coef[2] /= self.coef[0]
+        self._int_cache = _ConstCache()
 
     def int_polynomial(self, x_int, scaling_factor):
         with torch.no_grad():
@@ -587,12 +647,15 @@ class IntSoftmax(nn.Module):
         return exp_int * scaling_factor, scaling_factor
 
     def constants(self, scale: torch.Tensor):
-        """:func:`softmax_constants` for the score scale ``scale`` and this module's 16-bit act range."""
-        return softmax_constants(scale, self.act.output_scale())
+        """:func:`softmax_constants` for the score scale ``scale`` and this module's 16-bit act range (cached)."""
+        act_scale = self.act.output_scale()
+        return self._int_cache.get(("softmax", scale, act_scale), lambda: softmax_constants(scale, act_scale))
 
     def output_scale(self, device=None) -> torch.Tensor:
-        """1 / 2**output_bit as a float32 [1] tensor (HF returns the Python float)."""
-        return torch.full((1,), 1 / 2 ** self.output_bit, dtype=torch.float32, device=device)
+        """1 / 2**output_bit as a float32 [1] tensor (HF returns the Python float); cached per device."""
+        return self._int_cache.get(("out", self.output_bit, str(torch.device(device or "cpu"))),
+                                   lambda: torch.full((1,), 1 / 2 ** self.output_bit, dtype=torch.float32,
+                                                      device=device))
 
     def int_forward(self, scores: QuantTensor, mask: torch.Tensor | None = None) -> QuantTensor:
         """IntSoftmax of int32 scores [..., Nk] (scale [1]) with a bool mask (true = attend): int16
@@ -629,6 +692,7 @@ class IntLayerNorm(nn.Module):
         self.max_bit = 32
         self.dim_sqrt = None
         self.activation = QuantAct(self.output_bit, quant_mode=self.quant_mode)
+        self._int_cache = _ConstCache()
 
     def set_shift(self, y_int):
         with torch.no_grad():
@@ -686,11 +750,14 @@ class IntLayerNorm(nn.Module):
             return _act_chain(QuantTensor(out, None), output_act, None)
         if x.scale is None or x.scale.numel() != 1:
             raise ValueError("IntLayerNorm's input must be quantized per tensor (scale [1])")
-        bias_int, out_scale = layer_norm_constants(self.weight, self.bias)
+        bias_int, out_scale = self._int_cache.get(("ln", self.weight, self.bias),
+                                                  lambda: layer_norm_constants(self.weight, self.bias))
+        # the float32 ``shift`` buffer as the int64 the kernels take (converted once, not per call)
+        shift = self._int_cache.get(("shift", self.shift), lambda: self.shift.reshape(1).to(torch.int64))
         if not fuse_act:
-            return QuantTensor(int_layer_norm(x.values, self.shift, bias_int), out_scale)
+            return QuantTensor(int_layer_norm(x.values, shift, bias_int), out_scale)
         scale = output_act.output_scale()
-        values = int_layer_norm(x.values, self.shift, bias_int, requant_params(out_scale, scale),
+        values = int_layer_norm(x.values, shift, bias_int, output_act.requant_from(out_scale),
                                 output_act.activation_bit)
         return QuantTensor(values, scale)
 
@@ -716,12 +783,13 @@ def quant_attention(query: QuantTensor, key: QuantTensor, value: QuantTensor, so
         if t.values.dtype != torch.int8 or t.values.dim() != 4 or t.scale.numel() != 1:
             raise ValueError(f"{name} must be int8 [B, H, N, D] with a per-tensor scale")
     b, h, n, d = query.values.shape
-    score_scale = query.scale * key.scale / math.sqrt(d)
-    ctx_scale = softmax.output_scale(value.scale.device) * value.scale
+    score_scale, ctx_scale = softmax._int_cache.get(
+        ("attention", query.scale, key.scale, value.scale, d),
+        lambda: (query.scale * key.scale / math.sqrt(d), softmax.output_scale(value.scale.device) * value.scale))
     if softmax.quant_mode and output_act.quant_mode and softmax.output_bit == 8:
         scale = output_act.output_scale()
         out = int_attention(query.values, key.values, value.values, softmax.constants(score_scale),
-                            requant_params(ctx_scale, scale), output_act.activation_bit, mask=mask,
+                            output_act.requant_from(ctx_scale), output_act.activation_bit, mask=mask,
                             return_probs=output_attentions)
         ctx, probs = out if output_attentions else (out, None)
         ctx = QuantTensor(ctx.view(b, n, h * d), scale)

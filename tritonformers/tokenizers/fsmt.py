@@ -1,5 +1,5 @@
 """FSMT's tokenizer (fairseq WMT19): Moses preprocessing + BPE with the ``</w>`` end-of-word marker, separate
-source and target vocabularies (specs/fsmt.md §9). The oracle is transformers' ``FSMTTokenizer`` (what
+source and target vocabularies (transformers.models.fsmt.tokenization_fsmt). The oracle is transformers' ``FSMTTokenizer`` (what
 ``AutoTokenizer`` gives for these files; there is no fast one).
 
 Encoding ``tok(text)`` (always in the source language, with ``vocab-src.json``, also for targets):
