@@ -21,21 +21,26 @@ from tritonformers import runtime
 from tritonformers.training import FAMILIES, train
 from tritonformers.training.data import PairCorpus, Seq2SeqTask, pair_stream, tokenizer_fingerprint, train_batch
 
-from .test_training import _config_file, _curve, _one_thread, _records, check_distributed, write_corpus  # noqa: F401
+from .test_training import (_config_file, _curve, _one_thread, _records, check_distributed,  # noqa: F401 (fixtures)
+                            corpus, work, write_corpus)
 
 pytest.importorskip("sacremoses")
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("training-families")
-
-
-@pytest.fixture(scope="module")
-def corpus(work):
-    return write_corpus(work / "corpus.txt")
+def check_resume(options: dict, at: int, work, name: str) -> None:
+    """A run resumed from its step-``at`` checkpoint gives the uninterrupted run's records and final weights."""
+    full, resumed = str(work / f"{name}-full"), str(work / f"{name}-resumed")
+    with runtime.use_backend("torch"):
+        train(**options, out=full)
+        train(**options, out=resumed, resume=os.path.join(full, f"checkpoint-{at}"))
+    expected = [r for r in _curve(full) if r["step"] > at]
+    assert _curve(resumed) == expected and [r["step"] for r in expected if "loss" in r] == \
+        list(range(at + 1, options["max_steps"] + 1))
+    from safetensors.torch import load_file
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _hf_checkpoint(directory, config, model_cls):
@@ -94,17 +99,9 @@ def test_reformer_trains_on_bytes_and_writes_an_hf_checkpoint(reformer_dir, corp
 def test_reformer_resume_gives_the_uninterrupted_curve(reformer_dir, corpus, work):
     """Dropout (hidden 0.05, local attention 0.05), LSH hashing and gradient accumulation: the run resumed from
     its step-3 checkpoint continues bit for bit."""
-    full, resumed = str(work / "reformer-full"), str(work / "reformer-resumed")
     options = dict(model=reformer_dir, data=corpus, batch_size=2, grad_accum=2, max_steps=6, lr=1e-3,
                    warmup_steps=2, eval_every=3, save_every=3, progress=False, seed=4, eval_sequences=4)
-    with runtime.use_backend("torch"):
-        train(**options, out=full)
-        train(**options, out=resumed, resume=os.path.join(full, "checkpoint-3"))
-    expected = [r for r in _curve(full) if r["step"] > 3]
-    assert _curve(resumed) == expected and len(expected) == 4
-    from safetensors.torch import load_file
-    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (full, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_resume(options, 3, work, "reformer")
 
 
 def test_reformer_with_its_tokenizer(corpus, work):
@@ -273,17 +270,9 @@ def test_fsmt_resume_gives_the_uninterrupted_curve(fsmt_dir, work):
     """Dropout 0.1, JSON-lines pairs, length-grouped batches over two epochs: the run resumed from step 4
     continues bit for bit."""
     data = write_pairs(work / "resume-pairs.jsonl", lines=60, seed=3, fmt="jsonl")
-    full, resumed = str(work / "fsmt-full"), str(work / "fsmt-resumed")
     options = dict(model=fsmt_dir, data=data, batch_size=4, grad_accum=2, seq_len=24, max_steps=10, lr=1e-3,
                    warmup_steps=2, eval_every=4, save_every=4, progress=False, seed=6)
-    with runtime.use_backend("torch"):
-        train(**options, out=full)
-        train(**options, out=resumed, resume=os.path.join(full, "checkpoint-4"))
-    expected = [r for r in _curve(full) if r["step"] > 4]
-    assert _curve(resumed) == expected and len(expected) == 8
-    from safetensors.torch import load_file
-    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (full, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    check_resume(options, 4, work, "fsmt")
 
 
 def test_cli_trains_on_parallel_files(fsmt_dir, work, capsys, monkeypatch):
