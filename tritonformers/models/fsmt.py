@@ -346,6 +346,10 @@ class DecoderLayer(_FeedForwardMixin, nn.Module):
         x = self.encoder_attn_layer_norm(drop(h), x)[0]
         return self.final_layer_norm(drop(self.ffn(x)), x)[0]
 
+    def cross_keys_values(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cross-attention keys/values (a layer method, so that FSDP2 can gather the layer around it)."""
+        return self.encoder_attn.keys_values(encoder_out)
+
 
 class _Positions(nn.Module):
     """The sinusoid table as a non-persistent buffer that grows on demand (never loaded, never saved)."""
@@ -442,7 +446,7 @@ class FSMTDecoder(nn.Module):
 
     def cross_keys_values(self, encoder_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cross-attention keys/values [B, H, S, D], projected once from the encoder output."""
-        return [layer.encoder_attn.keys_values(encoder_out) for layer in self.layers]
+        return [layer.cross_keys_values(encoder_out) for layer in self.layers]
 
     def embed(self, ids: torch.Tensor | None, past, max_past: int | None = None, inputs_embeds=None) -> torch.Tensor:
         return _embed(self, ids, inputs_embeds, past, max_past)

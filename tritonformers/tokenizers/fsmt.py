@@ -121,6 +121,7 @@ class FSMTTokenizer(BaseTokenizer):
     def __init__(self, backend: Tokenizer, /, **config: Any):
         self._src_size = config.pop("_src_size", None)
         self._tgt_vocab = config.pop("_tgt_vocab", {})
+        self._tgt_ids = {t: i for i, t in self._tgt_vocab.items()}
         self._src_vocab = config.pop("_src_vocab", {})
         self._merges = config.pop("_merges", [])
         super().__init__(backend, **config)
@@ -175,25 +176,25 @@ class FSMTTokenizer(BaseTokenizer):
             self._moses[key] = getattr(_sacremoses(), kind)(lang=lang)
         return self._moses[key]
 
-    def moses_words(self, text: str, split_special_tokens: bool = False) -> list[str]:
+    def moses_words(self, text: str, split_special_tokens: bool = False, lang: str | None = None) -> list[str]:
         """Steps 1-2 of the module docstring: the pre-BPE words of ``text`` (special tokens kept whole unless
-        ``split_special_tokens``)."""
+        ``split_special_tokens``), with Moses in ``lang`` (default: the source language)."""
         pieces = [text] if split_special_tokens else re.split(f"({'|'.join(map(re.escape, SPECIALS))})", text)
         words: list[str] = []
         for piece in pieces:
             if piece in SPECIALS and not split_special_tokens:
                 words.append(piece)
             elif piece:
-                words += self._moses_piece(piece)
+                words += self._moses_piece(piece, lang or self.src_lang)
         return words
 
-    def _moses_piece(self, text: str) -> list[str]:
+    def _moses_piece(self, text: str, lang: str) -> list[str]:
         if self.do_lower_case:
             text = text.lower()
         text = replace_unicode_punct(text)
-        text = self._moses_tool("MosesPunctNormalizer", self.src_lang).normalize(text)
+        text = self._moses_tool("MosesPunctNormalizer", lang).normalize(text)
         text = remove_non_printing_char(text)
-        tokens = self._moses_tool("MosesTokenizer", self.src_lang).tokenize(
+        tokens = self._moses_tool("MosesTokenizer", lang).tokenize(
             text, aggressive_dash_splits=True, return_str=False, escape=True)
         return [t for t in tokens if t]
 
@@ -250,6 +251,18 @@ class FSMTTokenizer(BaseTokenizer):
         vocabulary is its own piece, which the Rust model reports as ``<unk>``: recovered from the offsets)."""
         words = self._words(text, self.split_special_tokens)
         pair_words = None if pair is None else self._words(pair, self.split_special_tokens)
+        return self._pieces(words, pair_words, add_special_tokens)
+
+    def target_ids(self, text: str) -> list[int]:
+        """``text`` in the target language as decoder labels: Moses in ``tgt_lang``, BPE, ids from
+        ``vocab-tgt.json`` (unknown pieces -> ``<unk>``), then ``</s>``, as fairseq binarises the target side
+        (``tok(text_target=...)`` keeps transformers' rule: source language and vocabulary)."""
+        pieces = self._pieces(self.moses_words(text, self.split_special_tokens, self.tgt_lang), None, False)
+        vocab = self._tgt_ids
+        unk = vocab.get(self.unk_token, self.unk_token_id)
+        return [vocab.get(p, unk) for p in pieces] + [vocab.get(self.sep_token, self.sep_token_id)]
+
+    def _pieces(self, words, pair_words, add_special_tokens: bool) -> list[str]:
         encoding = self(words, pair_words, is_split_into_words=True, add_special_tokens=add_special_tokens).encodings[0]
         tokens = list(encoding.tokens)
         for i, (token, word, seq) in enumerate(zip(tokens, encoding.word_ids, encoding.sequence_ids)):

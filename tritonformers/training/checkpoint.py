@@ -105,7 +105,9 @@ def load_training_state(directory: Path) -> dict:
 def restore(state: dict, *, model, optimizer, scheduler, scaler, ctx: Distributed) -> None:
     """Optimizer, scheduler, scaler and this rank's RNG from ``state`` (the weights were loaded with the model)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    # not strict: a parameter that has had no gradient yet has no AdamW state, in the saved run as in this one
+    set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if state["world_size"] == ctx.world:

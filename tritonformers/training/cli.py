@@ -16,7 +16,10 @@ from .options import DTYPES, TrainOptions
 DESCRIPTION = (
     "Train a model on your text: fine-tune a checkpoint directory, or start from random weights with a config.json. "
     "Causal LMs (BLOOM, DiffLlama) pack the tokens into --seq-len windows; masked LMs (I-BERT, float or "
-    "quantisation-aware) mask them as RoBERTa. The text is tokenised once and cached next to the data. Writes "
+    "quantisation-aware) mask them as RoBERTa; Reformer trains on --seq-len tokens (its axial-position length), "
+    "on raw UTF-8 bytes when no tokenizer is given (enwik8 style); translation (FSMT) reads source/target pairs "
+    "(a TSV file, JSON-lines with source/target fields, or --data plus a parallel --target-data) batched by "
+    "length. The text is tokenised once and cached next to the data. Writes "
     "OUT/metrics.jsonl (step, loss, lr, tokens_per_s; step, eval_loss, eval_ppl), OUT/checkpoint-<step>/ every "
     "--save-every steps (resumable with --resume), and the final model to OUT as an HF directory. Runs DDP under "
     "`torchrun --nproc_per_node N -m tritonformers train ...` (FSDP2 with --fsdp); --batch-size is per process.")
@@ -28,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="DIR_OR_CONFIG",
                    help="checkpoint directory to fine-tune, or a config.json to start from random weights")
     p.add_argument("--data", required=True, metavar="PATH",
-                   help="a text file, a folder of text files, a JSON-lines file (--text-field), or a 1-D .npy of ids")
+                   help="a text file, a folder of text files, a JSON-lines file (--text-field), or a 1-D .npy of ids; "
+                        "translation: a .tsv or JSON-lines file of pairs, or the source side of --target-data")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (final model, metrics, checkpoints)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the --model directory)")
     _int(p, "--max-steps", d, "optimizer steps")
@@ -58,6 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="clip the gradient norm (default %(default)s; 0 disables)")
     p.add_argument("--text-field", default=d["text_field"].default, metavar="NAME",
                    help="the text field of JSON-lines records (default %(default)s)")
+    p.add_argument("--target-data", metavar="PATH",
+                   help="translation: the target side of --data, a parallel text file (line i translates line i)")
+    p.add_argument("--source-field", default=d["source_field"].default, metavar="NAME",
+                   help="translation: the source field of JSON-lines records (default %(default)s)")
+    p.add_argument("--target-field", default=d["target_field"].default, metavar="NAME",
+                   help="translation: the target field of JSON-lines records (default %(default)s)")
     p.add_argument("--device", type=device, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

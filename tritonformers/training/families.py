@@ -2,23 +2,17 @@
 
 An entry names the task kind (what the data pipeline and the loss look like), the model class, the tokenizer
 class (or none, for raw bytes), the longest sequence the model serves and the family's own switches. A family
-joins when its model lands with one :func:`register_family` call at the bottom of this module, for example::
-
-    register_family(Family(
-        "reformer", task="reversible_lm",
-        model_class="tritonformers.models.reformer:ReformerModelWithLMHead",
-        tokenizer_class="tritonformers.tokenizers.reformer:ReformerTokenizer",
-        max_positions=lambda c: c.max_position_embeddings, gradient_checkpointing=False,
-        check_seq_len=<multiple of the chunk lengths / product of axial_pos_shape>))
-
-(and its line leaves :data:`PENDING`). Task kinds, implemented in :mod:`tritonformers.training.data`:
+joins when its model lands with one :func:`register_family` call at the bottom of this module (and its line
+leaves :data:`PENDING`). Task kinds, implemented in :mod:`tritonformers.training.data`:
 
 * ``causal_lm``: documents packed into fixed-length windows, labels = input ids (the model shifts);
 * ``reversible_lm``: the same batches for a long-context LM on reversible layers (no activation checkpointing:
   the layers recompute their inputs themselves);
 * ``masked_lm``: windows of ``seq_len - 2`` tokens between ``<s>`` and ``</s>``, 15% of the tokens chosen as
   RoBERTa does (80% ``<mask>``, 10% a random token, 10% unchanged), labels -100 elsewhere;
-* ``seq2seq`` (source/target pairs batched by length): not written yet; FSMT joins with it.
+* ``seq2seq``: source/target pairs (a TSV file, JSON-lines with source/target fields, or two parallel files),
+  each side tokenised with ``</s>`` appended, batched by length; the labels are the target ids (the model
+  shifts them right into its decoder input).
 
 Nothing here imports torch or a model: the classes are imported when a run needs them.
 """
@@ -27,11 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from typing import Any, Callable
 
 TASKS = ("causal_lm", "masked_lm", "reversible_lm", "seq2seq")
-# Tasks whose data pipeline exists (tritonformers.training.data.make_task).
-IMPLEMENTED_TASKS = ("causal_lm", "masked_lm", "reversible_lm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +32,20 @@ class Family:
     """How to train one model family (see the module docstring).
 
     ``model_class`` / ``tokenizer_class`` are ``"module:Class"``; ``tokenizer_class=None`` means raw bytes
-    (id = byte + ``byte_offset``, as enwik8 Reformer checkpoints read them). ``max_positions(config)`` is the
-    longest sequence the model serves (None: no limit, as BLOOM's ALiBi). ``check_seq_len(config, n)`` raises
-    ValueError for a length the architecture cannot take (Reformer's chunking). ``prepare(model, options)``
+    (id = byte + ``byte_offset``, as enwik8 Reformer checkpoints read them); ``byte_fallback``: raw bytes also
+    when the tokenizer directory holds no tokenizer files (a byte-level checkpoint such as
+    google/reformer-enwik8 ships none). ``max_positions(config)`` is the longest sequence the model serves
+    (None: no limit, as BLOOM's ALiBi); ``default_seq_len(config)`` the length of a run without ``seq_len``
+    (None: min(1024, max_positions)). ``check_seq_len(config, n)`` raises ValueError for a length the
+    architecture cannot take (Reformer's chunking and axial positions). ``prepare(model, options)``
     applies the family's own options before training (I-BERT's quantisation-aware mode) and may raise
     ValueError for a combination it cannot train. ``unused_parameters``: some parameters get no gradient in
     some mode (I-BERT's quant mode), so DDP must look for them each step. ``layer_methods``: methods other than
     ``forward`` through which the model runs a layer (I-BERT's ``float_forward``), which FSDP2 must hook to
-    gather the layer's parameters.
+    gather the layer's parameters (FSMT's ``cross_keys_values``, run for every decoder layer before the layers).
+    ``fsdp=False``: the family cannot be sharded with FSDP2 (Reformer's reversible layers run inside one autograd
+    function that takes their parameters as inputs and recomputes the layers in backward, outside FSDP2's
+    gathering: the sharded parameters reach it as DTensors).
     """
 
     model_type: str
@@ -60,13 +59,13 @@ class Family:
     prepare: Callable[[Any, Any], None] | None = None
     unused_parameters: bool = False
     layer_methods: tuple[str, ...] = ()
+    byte_fallback: bool = False
+    default_seq_len: Callable[[Any], int | None] = lambda config: None
+    fsdp: bool = True
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.task not in IMPLEMENTED_TASKS:
-            raise ValueError(f"task {self.task!r} has no data pipeline yet (tritonformers.training.data); "
-                             f"implemented: {IMPLEMENTED_TASKS}")
 
     def model_cls(self):
         return _import(self.model_class)
@@ -82,10 +81,7 @@ def _import(spec: str):
 
 FAMILIES: dict[str, Family] = {}
 # Families whose model code has not landed: model_type -> (task kind, what is missing).
-PENDING: dict[str, tuple[str, str]] = {
-    "reformer": ("reversible_lm", "its model classes (ReformerModelWithLMHead) are not in tritonformers.models yet"),
-    "fsmt": ("seq2seq", "the seq2seq data pipeline (source/target pairs batched by length) is not written yet"),
-}
+PENDING: dict[str, tuple[str, str]] = {}
 
 
 def register_family(family: Family) -> Family:
@@ -135,4 +131,43 @@ register_family(Family(
     gradient_checkpointing=False, prepare=_ibert_prepare, unused_parameters=True,
     layer_methods=("float_forward", "int_forward")))
 
-__all__ = ["TASKS", "IMPLEMENTED_TASKS", "Family", "FAMILIES", "PENDING", "register_family", "family_for"]
+def _axial_length(config) -> int | None:
+    return math.prod(config.axial_pos_shape) if config.axial_pos_embds else None
+
+
+def _reformer_max_positions(config) -> int:
+    return _axial_length(config) or config.max_position_embeddings
+
+
+def _reformer_check_seq_len(config, n: int) -> None:
+    """Reformer's training rules (HF raises both in training mode): with axial positions the length is exactly
+    prod(axial_pos_shape); a length above the smallest chunk must be a multiple of the chunk lengths' lcm."""
+    from ..models.reformer import lcm_chunk_length, min_chunk_length
+    axial = _axial_length(config)
+    if axial is not None and n != axial:
+        raise ValueError(f"seq_len={n}: this reformer model has axial positions {tuple(config.axial_pos_shape)}, "
+                         f"so it trains on sequences of exactly {axial} tokens (their product); use seq_len={axial}")
+    lcm = lcm_chunk_length(config)
+    if n % lcm and n > min_chunk_length(config):
+        raise ValueError(f"seq_len={n}: a reformer model trains on multiples of its attention chunk lengths' least "
+                         f"common multiple ({lcm}); use e.g. seq_len={n - n % lcm or lcm}")
+
+
+def _reformer_prepare(model, options) -> None:
+    """``lm_head.bias`` is HF's unused parameter (the logits use ``lm_head.decoder.bias``): frozen, so AdamW and
+    DDP never wait for a gradient that cannot come."""
+    model.lm_head.bias.requires_grad_(False)
+
+
+register_family(Family(
+    "reformer", task="reversible_lm", model_class="tritonformers.models.reformer:ReformerModelWithLMHead",
+    tokenizer_class="tritonformers.tokenizers.reformer:ReformerTokenizer", byte_offset=2, byte_fallback=True,
+    max_positions=_reformer_max_positions, default_seq_len=_axial_length, check_seq_len=_reformer_check_seq_len,
+    gradient_checkpointing=False, fsdp=False, prepare=_reformer_prepare))
+register_family(Family(
+    "fsmt", task="seq2seq", model_class="tritonformers.models.fsmt:FSMTForConditionalGeneration",
+    tokenizer_class="tritonformers.tokenizers.fsmt:FSMTTokenizer",
+    max_positions=lambda config: config.max_position_embeddings, gradient_checkpointing=False,
+    layer_methods=("cross_keys_values",)))
+
+__all__ = ["TASKS", "Family", "FAMILIES", "PENDING", "register_family", "family_for"]

@@ -21,13 +21,16 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..models.loading import checkpoint_files, read_config
 from . import checkpoint as ckpt
-from .data import Corpus, eval_batches, load_tokenizer, make_task, token_stream, tokenizer_fingerprint, train_batch
+from .data import (Corpus, PairCorpus, eval_batches, load_tokenizer, make_task, pair_stream, token_stream,
+                   tokenizer_fingerprint, train_batch)
 from .distributed import Distributed, gradient_sync, is_fsdp, unwrapped, wrap
 from .families import family_for
 from .options import TrainOptions
@@ -208,11 +211,10 @@ class _Run:
         model_cls = self.family.model_cls()
         self.config = model_cls.config_class.from_dict(config_dict)
         self.resume = ckpt.check_resumable(opts.resume) if opts.resume else None
-        if opts.gradient_checkpointing and not self.family.gradient_checkpointing:
-            raise ValueError(f"gradient_checkpointing: the {self.family.model_type} family does not support it")
+        self._check_family_options()
         self.seq_len = self._seq_len()
         tokenizer_dir = opts.tokenizer or weights
-        self.tokenizer = load_tokenizer(self.family, tokenizer_dir)
+        self.tokenizer = load_tokenizer(self.family, tokenizer_dir, self.config.vocab_size)
         self.task = make_task(self.family.task, seq_len=self.seq_len, tokenizer=self.tokenizer,
                               vocab_size=self.config.vocab_size, probability=opts.mlm_probability)
         self.corpus = self._corpus(tokenizer_dir)
@@ -227,15 +229,38 @@ class _Run:
             ckpt.restore(state, model=self.model, optimizer=self.trainer.optimizer, scheduler=self.trainer.scheduler,
                          scaler=self.trainer.scaler, ctx=ctx)
             self.step, self.position = state["step"], state["position"]
+            self._check_pair_order(state)
         self.out = Path(opts.out)
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = _Metrics(self.out, ctx.is_main, self.step if self.resume else None)
 
     # -- setup --------------------------------------------------------------------------------------------
+    def _check_family_options(self) -> None:
+        opts, family = self.opts, self.family
+        if opts.gradient_checkpointing and not family.gradient_checkpointing:
+            raise ValueError(f"gradient_checkpointing: the {family.model_type} family does not support it")
+        if opts.fsdp and not family.fsdp:
+            raise ValueError(f"fsdp: the {family.model_type} family cannot be sharded with FSDP2 (see its entry in "
+                             "tritonformers.training.families); run DDP (torchrun without --fsdp)")
+        if opts.target_data is not None and family.task != "seq2seq":
+            raise ValueError(f"target_data is for translation models; a {family.model_type} model trains on "
+                             "data alone")
+
+    def _check_pair_order(self, state: dict) -> None:
+        """Pairs are grouped by length in blocks of batch x processes: another block size is another order."""
+        if not isinstance(self.corpus, PairCorpus) or "batch_size" not in state:
+            return
+        saved = state["batch_size"] * state["world_size"]
+        if saved != self.corpus.block:
+            warnings.warn(f"resume: the checkpoint grouped translation pairs in blocks of {saved} (batch x "
+                          f"processes), this run in blocks of {self.corpus.block}: the position continues but the "
+                          "pair order from here differs from the uninterrupted run's", stacklevel=3)
+
     def _seq_len(self) -> int:
         limit = self.family.max_positions(self.config)
-        n = self.opts.seq_len or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+        n = (self.opts.seq_len or self.family.default_seq_len(self.config)
+             or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN))
         if limit is not None and n > limit:
             raise ValueError(f"seq_len={n} is beyond what this {self.family.model_type} model serves ({limit} "
                              "positions)")
@@ -243,15 +268,32 @@ class _Run:
             self.family.check_seq_len(self.config, n)
         return n
 
-    def _corpus(self, tokenizer_dir) -> Corpus:
+    def _corpus(self, tokenizer_dir) -> Corpus | PairCorpus:
         opts, ctx = self.opts, self.ctx
+        source = f"data {opts.data!r}" if isinstance(opts.data, (str, os.PathLike)) else "data"
+        if self.family.task == "seq2seq":
+            return self._pair_corpus(tokenizer_dir, source)
         stream = token_stream(opts.data, self.tokenizer, tokenizer_fingerprint(self.tokenizer, tokenizer_dir),
                               opts.text_field, is_writer=ctx.is_main, barrier=ctx.barrier)
         if len(stream) and int(stream.max()) >= self.config.vocab_size:
             raise ValueError(f"data: token id {int(stream.max())} is outside the model's vocabulary "
                              f"(vocab_size={self.config.vocab_size}); is this the model's tokenizer?")
-        source = f"data {opts.data!r}" if isinstance(opts.data, (str, os.PathLike)) else "data"
         return Corpus(stream, self.task.window, opts.eval_sequences, opts.seed, source)
+
+    def _pair_corpus(self, tokenizer_dir, source: str) -> PairCorpus:
+        opts, ctx, config = self.opts, self.ctx, self.config
+        ids, offsets = pair_stream(opts.data, opts.target_data, self.tokenizer,
+                                   tokenizer_fingerprint(self.tokenizer, tokenizer_dir), opts.source_field,
+                                   opts.target_field, is_writer=ctx.is_main, barrier=ctx.barrier)
+        is_target = np.repeat(np.arange(len(offsets) - 1) % 2 == 1, np.diff(offsets))
+        for side, vocab, mine in (("source", config.src_vocab_size, ~is_target),
+                                  ("target", config.tgt_vocab_size, is_target)):
+            top = int(np.max(ids, where=mine, initial=0)) if mine.any() else -1
+            if top >= vocab:
+                raise ValueError(f"data: {side} token id {top} is outside the model's {side} vocabulary "
+                                 f"({side[:3]}_vocab_size={vocab}); is this the model's tokenizer?")
+        return PairCorpus(ids, offsets, self.seq_len, opts.eval_sequences, opts.seed,
+                          block=opts.batch_size * ctx.world, source=source)
 
     def _build_model(self, model_cls, weights):
         opts, device = self.opts, self.ctx.device
@@ -280,12 +322,13 @@ class _Run:
             batches.append(train_batch(self.corpus, self.task, range(start, start + b), self.opts.seed))
         return batches
 
-    def _train_step(self) -> tuple[float, float | None]:
-        """One optimizer step on the next global batch; returns (global mean loss, gradient norm)."""
+    def _train_step(self) -> tuple[float, float | None, int]:
+        """One optimizer step on the next global batch; returns (global mean loss, gradient norm, tokens read:
+        this rank's times the processes, exact for fixed-length tasks)."""
         batches = self._micro_batches()
-        result = self.trainer(batches, [self.task.targets(batch["labels"]) for batch in batches])
+        loss, grad_norm = self.trainer(batches, [self.task.targets(batch["labels"]) for batch in batches])
         self.position += self.opts.grad_accum * self.opts.batch_size * self.ctx.world
-        return result
+        return loss, grad_norm, sum(self.task.tokens(batch) for batch in batches) * self.ctx.world
 
     def _evaluate(self) -> float:
         """Held-out loss, token-weighted over all ranks. Every rank runs the same number of forwards (padding
@@ -319,16 +362,15 @@ class _Run:
 
     def run(self) -> TrainResult:
         opts, ctx = self.opts, self.ctx
-        tokens_per_step = opts.grad_accum * opts.batch_size * ctx.world * self.seq_len
         bar = _progress(opts.max_steps, self.step, opts.progress and ctx.is_main)
         loss = eval_loss = eval_ppl = None
         try:
             while self.step < opts.max_steps:
                 start = time.perf_counter()
                 lr = self.trainer.scheduler.get_last_lr()[0]
-                loss, grad_norm = self._train_step()
+                loss, grad_norm, tokens = self._train_step()
                 self.step += 1
-                rate = tokens_per_step / max(time.perf_counter() - start, 1e-9)
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
                 record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": rate}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm

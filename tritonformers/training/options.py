@@ -45,6 +45,9 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     quant_mode: bool | None = None
     text_field: str = "text"
+    target_data: str | None = None
+    source_field: str = "source"
+    target_field: str = "target"
     device: str | None = None
     progress: bool = True
 
@@ -53,7 +56,7 @@ class TrainOptions:
             if not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path, got {type(getattr(self, name)).__name__}")
         self.model, self.out = os.fspath(self.model), os.fspath(self.out)
-        for name in ("tokenizer", "resume"):
+        for name in ("tokenizer", "resume", "target_data"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path or None, got {type(value).__name__}")
