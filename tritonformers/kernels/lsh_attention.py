@@ -320,6 +320,21 @@ def auto_num_buckets(sequence_length: int, chunk_length: int, max_position_embed
     return 2**p if 2**p <= limit else [2 ** (p // 2), 2 ** (p - p // 2)]
 
 
+def lsh_plan(qk, chunk_length, num_hashes, num_buckets, num_chunks_before, num_chunks_after, key_padding_mask,
+             hash_seed, buckets):
+    """HF's choice between its unchunked path (L <= chunk: plain attention, no hashing, one round) and the
+    hashed one: ``(chunk_length, num_chunks_before, num_chunks_after, num_hashes, buckets, perm)`` as the
+    attention then runs, with the sort permutation ``perm`` [B, H, num_hashes * L]."""
+    B, H, L, _ = qk.shape
+    if L <= chunk_length:
+        return L, 0, 0, 1, None, torch.arange(L, device=qk.device).expand(B, H, L)
+    if buckets is None:
+        if num_buckets is None:
+            raise ValueError("num_buckets is required when buckets are not given (an even int or a list)")
+        buckets = lsh_hash(qk, num_hashes, num_buckets, key_padding_mask, hash_seed)
+    return chunk_length, num_chunks_before, num_chunks_after, num_hashes, buckets, lsh_sort(buckets)
+
+
 def empty_result(qk: torch.Tensor, v: torch.Tensor, num_hashes: int, return_buckets: bool):
     """What a sequence of length 0 gives: out [B, H, 0, D] (a clone of v, on the autograd graph) and, with
     ``return_buckets``, buckets [B, H, num_hashes, 0]."""
@@ -472,17 +487,9 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     B, H, L, D = qk.shape
     if L == 0:
         return empty_result(qk, v, num_hashes, return_buckets)
-    unchunked = L <= chunk_length
-    if unchunked:  # HF: plain attention over the whole sequence; no hashing, one "round"
-        chunk_length, num_chunks_before, num_chunks_after, num_hashes = L, 0, 0, 1
-        buckets = None
-        perm = torch.arange(L, device=qk.device).expand(B, H, L)
-    else:
-        if buckets is None:
-            if num_buckets is None:
-                raise ValueError("num_buckets is required when buckets are not given (an even int or a list)")
-            buckets = lsh_hash(qk, num_hashes, num_buckets, key_padding_mask, hash_seed)
-        perm = lsh_sort(buckets)
+    chunk_length, num_chunks_before, num_chunks_after, num_hashes, buckets, perm = lsh_plan(
+        qk, chunk_length, num_hashes, num_buckets, num_chunks_before, num_chunks_after, key_padding_mask, hash_seed,
+        buckets)
     options = dict(chunk_length=chunk_length, num_hashes=num_hashes, num_chunks_before=num_chunks_before,
                    num_chunks_after=num_chunks_after, causal=causal, key_padding_mask=key_padding_mask,
                    dropout_p=dropout_p)

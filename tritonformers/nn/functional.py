@@ -242,16 +242,9 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     B, H, L, D = qk.shape
     if L == 0:
         return _lsh.empty_result(qk, v, num_hashes, return_buckets)
-    if L <= chunk_length:  # HF: plain attention over the whole sequence; no hashing, one "round"
-        chunk_length, num_chunks_before, num_chunks_after, num_hashes = L, 0, 0, 1
-        buckets = None
-        perm = torch.arange(L, device=qk.device).expand(B, H, L)
-    else:
-        if buckets is None:
-            if num_buckets is None:
-                raise ValueError("num_buckets is required when buckets are not given (an even int or a list)")
-            buckets = _lsh.lsh_hash(qk, num_hashes, num_buckets, key_padding_mask, hash_seed)
-        perm = _lsh.lsh_sort(buckets)
+    chunk_length, num_chunks_before, num_chunks_after, num_hashes, buckets, perm = _lsh.lsh_plan(
+        qk, chunk_length, num_hashes, num_buckets, num_chunks_before, num_chunks_after, key_padding_mask, hash_seed,
+        buckets)
     out = None
     if runtime.use_triton(qk, op="lsh_attention"):
         if D > _lsh.MAX_HEAD_DIM:
