@@ -69,6 +69,7 @@ def _cases():
           [True, True, False])),
         ("attention_alibi", tf.attention, (q, k, v, slopes, positions, mask, True, 0.25, 0.0, 0)),
         ("attention_dropout", tf.attention, (q, k, v, None, None, None, False, 0.25, 0.3, 1234)),
+        ("packed_attention", tf.packed_attention, (_g(B, N, H, 3, D), slopes, positions, mask, True, 0.25, 0.0, 0)),
         ("decode_attention", tf.decode_attention, (randn(B, H, 2, D), kc, kc, lens, None, None, None)),
         ("diff_attention", tf.diff_attention,
          (_g(B, 4, N, D), _g(B, 2, N, D), _g(B, 2, N, D), torch.tensor(0.3, requires_grad=True), 0.2, True, mask,

@@ -96,3 +96,38 @@ def test_small_helpers():
     rows = runtime.as_rows(x)
     assert rows.shape == (6, 4) and rows.is_contiguous()
     assert torch.equal(rows.view(3, 2, 4), x)
+
+
+def test_derived_once_reuses_only_for_the_same_unmodified_tensor():
+    calls = []
+
+    def compute(m):
+        calls.append(1)
+        return m.cumsum(-1)
+
+    mask = torch.ones(2, 5, dtype=torch.long)
+    first = runtime.derived_once(mask, "test", compute)
+    assert runtime.derived_once(mask, "test", compute) is first and len(calls) == 1  # the next layer reuses
+    mask[:, 0] = 0  # an in-place step update bumps the version: recomputed
+    assert torch.equal(runtime.derived_once(mask, "test", compute), mask.cumsum(-1)) and len(calls) == 2
+    other = mask.clone()  # equal values, another tensor: recomputed
+    runtime.derived_once(other, "test", compute)
+    assert len(calls) == 3
+    with torch.inference_mode():
+        frozen = torch.ones(2, 5, dtype=torch.long)
+    runtime.derived_once(frozen, "test", compute)
+    runtime.derived_once(frozen, "test", compute)
+    assert len(calls) == 5  # inference tensors have no version counter: never cached
+
+
+def test_autotune_mode(monkeypatch):
+    configs = ["a", "b", "c"]
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "interpreter_enabled", lambda: False)
+    monkeypatch.delenv("TRITONFORMERS_AUTOTUNE", raising=False)
+    assert runtime.autotune_configs(configs) == configs
+    monkeypatch.setenv("TRITONFORMERS_AUTOTUNE", "first")
+    assert runtime.autotune_configs(configs) == ["a"]
+    monkeypatch.setenv("TRITONFORMERS_AUTOTUNE", "some")
+    with pytest.raises(ValueError, match="TRITONFORMERS_AUTOTUNE"):
+        runtime.autotune_configs(configs)

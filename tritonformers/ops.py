@@ -467,6 +467,54 @@ def _attention_bwd(ctx, dout, _dlse):
 attention_op.register_autograd(_attention_bwd, setup_context=_attention_setup)
 
 
+@_op("packed_attention")
+def packed_attention_op(qkv: Tensor, alibi_slopes: Tensor | None, positions: Tensor | None,
+                        key_padding_mask: Tensor | None, causal: bool, scale: float, dropout_p: float,
+                        seed: int) -> tuple[Tensor, Tensor]:
+    """Flash attention of a packed qkv [B, N, H, 3, D]; returns (out [B, H, N, D], lse [B, H, N] float32)."""
+    args = (qkv, alibi_slopes, positions, key_padding_mask, causal, scale, dropout_p, seed)
+    return run_forward(attention.PackedAttentionFunction, args, (True, True) + (False,) * 6)[0]
+
+
+@packed_attention_op.register_fake
+def _(qkv, alibi_slopes, positions, key_padding_mask, causal, scale, dropout_p, seed):
+    B, N, H, _, D = qkv.shape
+    return qkv.new_empty((B, H, N, D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@_op("packed_attention_backward")
+def packed_attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, alibi_slopes: Tensor | None,
+                              positions: Tensor | None, key_padding_mask: Tensor | None, causal: bool, scale: float,
+                              dropout_p: float, seed: int, needs: list[bool]) -> list[Tensor]:
+    args = (qkv, alibi_slopes, positions, key_padding_mask, causal, scale, dropout_p, seed)
+    saved = (qkv, out, lse, alibi_slopes, positions, key_padding_mask)
+    grads = run_backward(attention.PackedAttentionFunction, args, (*needs, *(False,) * 6), saved, (dout, None))
+    return _grads_out(grads[:2], (qkv, alibi_slopes))
+
+
+@packed_attention_backward.register_fake
+def _(dout, qkv, out, lse, alibi_slopes, positions, key_padding_mask, causal, scale, dropout_p, seed, needs):
+    return _grads_fake((qkv, alibi_slopes), needs)
+
+
+def _packed_attention_setup(ctx, inputs, output):
+    qkv, slopes, positions, kpm, causal, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], slopes, positions, kpm)
+    ctx.options = (causal, scale, dropout_p, seed)
+
+
+def _packed_attention_bwd(ctx, dout, _dlse):
+    qkv, out, lse, slopes, positions, kpm = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = [need[0], need[1] and slopes is not None]
+    grads = torch.ops.tritonformers.packed_attention_backward(dout, qkv, out, lse, slopes, positions, kpm,
+                                                              *ctx.options, needs)
+    return (*_needed(grads, needs), *(None,) * 6)
+
+
+packed_attention_op.register_autograd(_packed_attention_bwd, setup_context=_packed_attention_setup)
+
+
 @_op("decode_attention")
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, alibi_slopes: Tensor | None,
                      key_padding_mask: Tensor | None, scale: float | None) -> Tensor:
@@ -791,8 +839,9 @@ def flat(params: Any, size: int) -> tuple:
 
 
 OPS = ("rms_norm", "layer_norm", "gelu", "swiglu", "apply_rotary", "fused_linear_cross_entropy", "attention",
-       "decode_attention", "diff_attention", "diff_decode_attention", "local_attention", "lsh_attention",
-       "quantize", "requantize", "int_gelu", "int_softmax", "int_layer_norm", "int_linear", "int_attention")
+       "packed_attention", "decode_attention", "diff_attention", "diff_decode_attention", "local_attention",
+       "lsh_attention", "quantize", "requantize", "int_gelu", "int_softmax", "int_layer_norm", "int_linear",
+       "int_attention")
 """The public ops registered as ``torch.ops.tritonformers.<name>`` (each differentiable one has a
 ``<name>_backward`` op too)."""
 

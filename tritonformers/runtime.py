@@ -18,6 +18,7 @@ import contextlib
 import os
 import threading
 import warnings
+import weakref
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -202,9 +203,18 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+AUTOTUNE_MODES = ("all", "first")
+
+
 def autotune_configs(configs: list) -> list:
-    """All configs on a real GPU; only the first under the interpreter (autotuning needs CUDA events)."""
-    return list(configs) if torch.cuda.is_available() and not interpreter_enabled() else list(configs[:1])
+    """All configs on a real GPU; only the first under the interpreter (autotuning needs CUDA events) or with
+    ``TRITONFORMERS_AUTOTUNE=first`` (a correctness run, such as the CUDA smoke test, that should not spend its
+    time compiling and timing every tile). Read when the kernel modules are imported."""
+    mode = os.environ.get("TRITONFORMERS_AUTOTUNE", "all").strip().lower() or "all"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"TRITONFORMERS_AUTOTUNE must be one of {AUTOTUNE_MODES}, got {mode!r}")
+    tune = torch.cuda.is_available() and not interpreter_enabled() and mode == "all"
+    return list(configs) if tune else list(configs[:1])
 
 
 def check_cache_lens(cache_lens: torch.Tensor, name: str, num_queries: int, capacity: int) -> None:
@@ -217,6 +227,33 @@ def check_cache_lens(cache_lens: torch.Tensor, name: str, num_queries: int, capa
     if lo < num_queries or hi > capacity:
         raise ValueError(f"{name} must lie in [{num_queries}, {capacity}] (the new queries .. the cache "
                          f"capacity), got values from {lo} to {hi}")
+
+
+def int8_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A padding mask (bool or integer, 1 = a real token) as the kernels read it: int8, contiguous. Callers
+    convert through :func:`derived_once` (key ``"mask_int8"``), so the layers of a step share one copy."""
+    return mask.to(torch.int8).contiguous()
+
+
+_derived: dict[str, tuple] = {}
+
+
+def derived_once(source: torch.Tensor, what: str, compute):
+    """``compute(source)``, reused while ``source`` is the same tensor object, unmodified since (its version
+    counter): the layers of one forward or decode step then share what they derive from one attention mask
+    (ALiBi positions, an int8 copy) instead of each launching the same small kernels. One entry per ``what``;
+    computed afresh under ``torch.compile`` (the graph shares it) and for inference tensors (no version counter).
+    An entry made while a CUDA graph is captured serves only that capture (its kernels run on replay, not before),
+    and a capture never reuses an eager entry (a replay must recompute from the updated mask)."""
+    if torch.compiler.is_compiling() or source.is_inference():
+        return compute(source)
+    capturing = source.is_cuda and torch.cuda.is_current_stream_capturing()
+    entry = _derived.get(what)
+    if entry is not None and entry[0]() is source and entry[1:3] == (source._version, capturing):
+        return entry[3]
+    value = compute(source)
+    _derived[what] = (weakref.ref(source), source._version, capturing, value)
+    return value
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,50 @@ def test_bad_inputs_raise_before_launch():
             attn.attention(randn(1, 1, 4, 320), randn(1, 1, 4, 320), randn(1, 1, 4, 320))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout,alibi,padding,dropout", [("bnh3d", True, "left", 0.0), ("bn3hd", False, None, 0.25)])
+def test_packed_attention_matches_attention_of_the_views(dtype, layout, alibi, padding, dropout):
+    """packed_attention(qkv) = attention(q, k, v) of its views, forward and the one packed gradient, on the kernel
+    and the reference; BLOOM's [B, N, H, 3, D] layout and a [B, N, 3, H, D] projection passed transposed."""
+    B, N, H, D = 2, 21, 2, 24
+    shape = (B, N, H, 3, D) if layout == "bnh3d" else (B, N, 3, H, D)
+    base = randn(*shape, dtype=dtype)
+    slopes = attn.alibi_slopes(H, device=DEVICE) if alibi else None
+    kw = dict(causal=True, key_padding_mask=_padding(B, N, padding), dropout_p=dropout)
+    do = randn(B, H, N, D, dtype=dtype)
+    results = {}
+    for backend in ("triton", "torch"):
+        for packed in (True, False):
+            qkv = base.detach().clone().requires_grad_(True)
+            sl = slopes.detach().clone().requires_grad_(True) if alibi else None
+            view = qkv if layout == "bnh3d" else qkv.transpose(2, 3)
+            torch.manual_seed(7)  # the same dropout seed for both calls
+            with runtime.use_backend(backend):
+                if packed:
+                    out = attn.packed_attention(view, alibi_slopes=sl, **kw)
+                else:
+                    out = attn.attention(*attn.split_packed_qkv(view), alibi_slopes=sl, **kw)
+            out.backward(do)
+            results[backend, packed] = (out, qkv.grad, sl.grad if alibi else None)
+    for backend in ("triton", "torch"):
+        for a, b in zip(results[backend, True], results[backend, False]):
+            if a is not None:
+                assert_close(a, b, dtype)
+    if dropout == 0.0:  # the kernel's dropout draws differ from torch's: compared above per backend only
+        kernel, ref = results["triton", True], results["torch", True]
+        assert_close(kernel[0], ref[0], scale=4)
+        assert_close(kernel[1], ref[1], dtype, scale=8)
+
+
+def test_packed_attention_bad_inputs():
+    with pytest.raises(ValueError, match="qkv must have 5 dimensions"):
+        attn.packed_attention(randn(1, 8, 2, 32))
+    with pytest.raises(ValueError, match=r"qkv must have shape \[B, N, n_head, 3, head_dim\]"):
+        attn.packed_attention(randn(1, 8, 2, 4, 32))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        attn.packed_attention(randn(1, 8, 2, 3, 32), key_padding_mask=torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+
+
 @pytest.mark.slow
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

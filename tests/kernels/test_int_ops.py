@@ -409,6 +409,34 @@ def test_int_linear_matches_reference(case):
         _equal(ref, want.to(torch.int32), "reference vs int64 matmul")
 
 
+TMA_CASES = [  # K a multiple of 16 (TMA's 16-byte row alignment); M, N, K not multiples of the tiles
+    ([37, 96], 50, True, False, False, None, False, None),
+    ([2, 9, 160], 40, True, False, False, 8, True, None),       # two K steps, the second read past K as 0
+    ([21, 64], 96, True, False, True, 8, True, None),
+    ([19, 48], 48, True, True, False, 22, False, torch.int8),
+    ([300, 32], 140, False, False, False, 16, False, None),     # 6 tiles over 4 persistent programs
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=[str(i) for i in range(len(TMA_CASES))])
+def test_int_linear_tma_persistent_kernel_matches_reference(case, monkeypatch):
+    """The Hopper variant (TMA descriptor loads, persistent tile loop) gives the tiled kernel's exact integers."""
+    monkeypatch.setattr(ig, "_force_linear_kernel", "tma")
+    x, w, b, kw = _linear_inputs(*case)
+    _equal(_triton(ig.int_linear, x, w, b, **kw), ig.int_linear_reference(x, w, b, **kw), "tma vs reference")
+
+
+def test_int_linear_kernel_choice():
+    """TMA needs 16-byte row strides (K % 16 for int8) on a CUDA tensor; with one eligible kernel nothing is
+    timed or cached."""
+    unaligned = torch.zeros(4, 24, dtype=torch.int8, device=DEVICE)
+    assert not ig._tma_ok(unaligned, torch.zeros(8, 24, dtype=torch.int8, device=DEVICE))
+    aligned = torch.zeros(4, 32, dtype=torch.int8)
+    assert not ig._tma_ok(aligned, torch.zeros(8, 32, dtype=torch.int8))  # a CPU tensor
+    picked = ig._choose_linear_kernel(("key",), {"tiled": lambda: "tiled"})
+    assert picked() == "tiled" and ("key",) not in ig._linear_choice
+
+
 def test_int_linear_matches_hf_quant_linear():
     """QuantLinear's float emulation (x / s_in through F.linear on integer-valued floats) is exact here:
     its accumulator and HF's FixedPointMul requantization equal the integer GEMM's."""

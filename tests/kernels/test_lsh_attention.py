@@ -182,3 +182,15 @@ def test_large_shapes_on_cuda(dtype):
     assert_close(out, ref, scale=8)
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, scale=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_signed_argmax_equals_hfs_concatenated_argmax(dtype):
+    """Hashing takes argmax(cat([r, -r])) without the copy: same index, ties included (small integers tie often)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        r = torch.randn(3, 5, 7, 8, generator=g).to(dtype)
+        if trial % 2:
+            r = torch.randint(-3, 4, (3, 5, 7, 8), generator=g).to(dtype)
+        want = torch.argmax(torch.cat([r, -r], dim=-1), dim=-1)
+        assert torch.equal(lsh._argmax_signed(r), want)

@@ -455,11 +455,9 @@ def gelu(x: torch.Tensor, approximate: str = "none", bias: torch.Tensor | None =
     ``x + bias`` rounded to x's dtype.
     Differentiable in x and bias. Raises TypeError/ValueError naming the bad argument.
     """
-    _check_gelu_args(x, approximate, bias)
-    bias = bias_like(x, bias)
-    if runtime.use_triton(x, op="gelu"):
-        return GeluFunction.apply(x, bias, approximate)
-    return gelu_reference(x, approximate, bias)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.gelu(x, approximate, bias)
 
 
 class _BloomGeluReference(torch.autograd.Function):
@@ -505,10 +503,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     silu's output is rounded to the dtype before the product, as in HF. Differentiable in both inputs.
     Raises TypeError/ValueError naming the bad argument.
     """
-    _check_swiglu_args(gate, up)
-    if runtime.use_triton(gate, up, op="swiglu"):
-        return SwiGLUFunction.apply(gate, up)
-    return swiglu_reference(gate, up)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.swiglu(gate, up)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -22,90 +22,12 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-
-MAX_HEAD_DIM = 256  # any head dim up to this; padded to a power of two >= 16 inside the kernel
+from .flash import (MAX_HEAD_DIM, autotuned, bhn_strides, block_d, decode_autotuned, decode_splits, dot_precision,
+                    dropout_keep, interior_key_tiles_end, interior_query_tiles_start, load_rows, masked_scores,
+                    multiprocessors, online_softmax_step, probabilities, softmax_attention_reference, softmax_delta)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-
-@triton.jit
-def _scores(q, k, offs_m, offs_n, b, NQ, NK, MASK_STRIDE, slope, POS, KPM, qk_scale,
-            CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
-            BIAS_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BOUNDS: tl.constexpr = True):
-    """Masked scores of one [BLOCK_M, BLOCK_N] tile in log2 units (S * log2(e)); -inf where masked.
-
-    Keys at or past NK are masked; POS/KPM rows are MASK_STRIDE apart (NK, or the cache capacity).
-    ``BOUNDS=False`` is for interior tiles (all keys < NK and, when causal, all visible to every row of
-    the tile): only the padding mask is applied there, so most tiles skip the index arithmetic.
-    """
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-    if HAS_ALIBI:
-        if HAS_POS:
-            pos = tl.load(POS + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0).to(tl.float32)
-        else:
-            pos = offs_n.to(tl.float32)
-        # slope * pos in float32, rounded to the model dtype (HF's alibi tensor), then in log2 units.
-        bias = (slope * pos).to(BIAS_DTYPE).to(tl.float32) * 1.4426950408889634
-        s = s + bias[None, :]
-    if BOUNDS:
-        valid = (offs_n < NK)[None, :] & (offs_m < NQ)[:, None]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * MASK_STRIDE + offs_n, mask=offs_n < NK, other=0)
-            valid = valid & (key_ok != 0)[None, :]
-        s = tl.where(valid, s, float("-inf"))
-    elif HAS_KPM:
-        key_ok = tl.load(KPM + b * MASK_STRIDE + offs_n)
-        s = tl.where((key_ok != 0)[None, :], s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _interior_key_tiles_end(start_m, NQ, NK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """End of the key tiles [0, end) that are interior for the query rows [start_m, start_m + BLOCK_M): inside
-    NK and, when causal, visible to every one of those rows (key j visible to row i iff j <= i + NK - NQ)."""
-    end = NK // BLOCK_N * BLOCK_N
-    if CAUSAL:
-        end = tl.minimum(end, tl.maximum(start_m + NK - NQ + 1, 0) // BLOCK_N * BLOCK_N)
-    return end
-
-
-@triton.jit
-def _interior_query_tiles_start(start_n, NQ, NK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr):
-    """Start of the query tiles [start, NQ // BLOCK_M * BLOCK_M) that see all keys [start_n, start_n + BLOCK_N)
-    (the backward's key-major loop): with causal masking a query tile starting at i sees them all when
-    i + NK - NQ >= start_n + BLOCK_N - 1. Always a multiple of BLOCK_M."""
-    if CAUSAL:
-        start = tl.maximum(start_n + BLOCK_N - 1 - (NK - NQ), 0)
-        return (start + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    else:
-        return 0
-
-
-@triton.jit
-def _online_softmax_step(s, m_i, l_i, NATURAL: tl.constexpr):
-    """One key tile of an online softmax. ``s`` are scores (log2 units, or natural with NATURAL); returns the
-    tile's unnormalised probabilities, the factor rescaling what was accumulated, and the new max and sum.
-    Rows with nothing visible yet (max -inf) keep zeros instead of NaN."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if NATURAL:
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-    else:
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p):
-    """Philox keep-mask of one tile; the offset is the flat (bh, i, j) index (wraps past 2^32, harmless)."""
-    offsets = (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
-
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, d_ok, skn, svn, b, bh, NQ, NK, slope,
@@ -124,11 +46,11 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, d_ok, s
     else:
         k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * svn, mask=d_ok[None, :], other=0.0)
-    s = _scores(q, k, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
-                CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
-    p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, False)
+    s = masked_scores(q, k, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
+                      CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
+    p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, False)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
+        keep = dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -169,7 +91,7 @@ def _attn_fwd_kernel(
     if CAUSAL:
         hi = tl.minimum(NK, tl.maximum((pid_m + 1) * BLOCK_M + NK - NQ, 0))
     # interior key tiles first (no bounds or causal mask), then the diagonal and tail tiles
-    interior = tl.minimum(_interior_key_tiles_end(pid_m * BLOCK_M, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), hi)
+    interior = tl.minimum(interior_key_tiles_end(pid_m * BLOCK_M, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), hi)
     for start_n in range(0, interior, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n, d_ok, skn, svn, b, bh,
                                   NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI, HAS_POS,
@@ -189,61 +111,26 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, NQ,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (float32), the softmax-backward row term."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
-
-
-@triton.jit
-def _probabilities(s, lse_log2):
-    """P = exp(S - lse) from log2-unit scores; rows whose lse is -inf (no visible key) give 0."""
-    return tl.exp2(s - tl.where(lse_log2 == float("-inf"), 0.0, lse_log2)[:, None])
-
-
-@triton.jit
-def _load_rows(ptr, rows, offs_d, stride, NQ, d_ok, EVEN_D: tl.constexpr, BOUNDS: tl.constexpr):
-    """[len(rows), BLOCK_D] rows of a [N, D] slice (masked only where a bound can be crossed)."""
-    if BOUNDS:
-        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=(rows < NQ)[:, None] & d_ok[None, :],
-                       other=0.0)
-    elif EVEN_D:
-        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :])
-    else:
-        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-
-
-@triton.jit
 def _dkdv_tile(dk, dv, kT, vT, q_base, do_base, LSE, DELTA, start_m, offs_m, offs_n, offs_d, d_ok, sqn, sdn, b, bh,
                NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                EVEN_D: tl.constexpr, BOUNDS: tl.constexpr):
     """One query tile of the key-major backward: dV += P~^T dO, dK += dS^T Q (dS unscaled)."""
     rows = start_m + offs_m
-    q = _load_rows(q_base, rows, offs_d, sqn, NQ, d_ok, EVEN_D, BOUNDS)
-    do = _load_rows(do_base, rows, offs_d, sdn, NQ, d_ok, EVEN_D, BOUNDS)
+    q = load_rows(q_base, rows, offs_d, sqn, NQ, d_ok, EVEN_D, BOUNDS)
+    do = load_rows(do_base, rows, offs_d, sdn, NQ, d_ok, EVEN_D, BOUNDS)
     if BOUNDS:
         lse_log2 = tl.load(LSE + bh * NQ + rows, mask=rows < NQ, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * NQ + rows, mask=rows < NQ, other=0.0)
     else:
         lse_log2 = tl.load(LSE + bh * NQ + rows) * 1.4426950408889634
         delta = tl.load(DELTA + bh * NQ + rows)
-    s = _scores(q, kT, rows, offs_n, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
-                CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
-    p = _probabilities(s, lse_log2)
+    s = masked_scores(q, kT, rows, offs_n, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
+                      CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
+    p = probabilities(s, lse_log2)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, rows, offs_n, NQ, NK, dropout_p)
+        keep = dropout_keep(seed, bh, rows, offs_n, NQ, NK, dropout_p)
         p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:
@@ -257,7 +144,7 @@ def _dkdv_tile(dk, dv, kT, vT, q_base, do_base, LSE, DELTA, start_m, offs_m, off
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, POS, KPM,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, NQ, NK, sm_scale, dropout_p, seed, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -266,7 +153,8 @@ def _attn_bwd_dkdv_kernel(
     """One program = BLOCK_N keys of one (batch, head): dV = P~^T dO and dK = scale * dS^T Q over query blocks.
 
     Query tiles crossing the causal diagonal or the end of the sequence are masked; the others
-    (``_interior_query_tiles_start`` on) are not. dK and dV are written contiguously as [B, H, NK, D].
+    (``interior_query_tiles_start`` on) are not. dK and dV are written with the strides (sgb, sgh, sgn): [B, H,
+    NK, D] contiguous, or two slots of a packed [B, N, H, 3, D] gradient (:class:`PackedAttentionFunction`).
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -292,7 +180,7 @@ def _attn_bwd_dkdv_kernel(
     if CAUSAL:
         lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
     full_end = NQ // BLOCK_M * BLOCK_M
-    start = tl.maximum(_interior_query_tiles_start(pid_n * BLOCK_N, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), lo)
+    start = tl.maximum(interior_query_tiles_start(pid_n * BLOCK_N, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), lo)
     if (pid_n + 1) * BLOCK_N > NK:  # a partial key block: every tile needs the key bound
         start = full_end
     start = tl.minimum(start, full_end)
@@ -309,7 +197,7 @@ def _attn_bwd_dkdv_kernel(
                             sqn, sdn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL, HAS_ALIBI,
                             HAS_POS, HAS_KPM, HAS_DROPOUT, PRECISION, EVEN_D, True)
 
-    out_offs = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
     out_mask = (offs_n < NK)[:, None] & d_ok[None, :]
     tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
@@ -332,12 +220,12 @@ def _dq_tile(dq, dslope, q, do, lse_log2, delta, K_BASE, V_BASE, start_n, offs_m
     else:
         kT = tl.load(K_BASE + cols[None, :] * skn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         vT = tl.load(V_BASE + cols[None, :] * svn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-    s = _scores(q, kT, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
-                CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
-    p = _probabilities(s, lse_log2)
+    s = masked_scores(q, kT, offs_m, cols, b, NQ, NK, NK, slope, POS, KPM, qk_scale,
+                      CAUSAL, HAS_ALIBI, HAS_POS, HAS_KPM, q.dtype, PRECISION, BOUNDS)
+    p = probabilities(s, lse_log2)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
+        keep = dropout_keep(seed, bh, offs_m, cols, NQ, NK, dropout_p)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -353,7 +241,7 @@ def _dq_tile(dq, dslope, q, do, lse_log2, delta, K_BASE, V_BASE, start_n, offs_m
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, SLOPES, POS, KPM, DSLOPE,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, NQ, NK, sm_scale, dropout_p, seed, N_BUCKET, dslope_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -362,7 +250,7 @@ def _attn_bwd_dq_kernel(
     """One program = BLOCK_M queries: dQ = scale * dS K, and (when the slopes want a gradient) this block's
     sum_ij dS_ij * pos_j to DSLOPE[bh, pid_m] (rows ``dslope_stride`` apart).
 
-    dQ is written contiguously as [B, H, NQ, D].
+    dQ is written with the strides (sgb, sgh, sgn), as dK and dV are.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -391,7 +279,7 @@ def _attn_bwd_dq_kernel(
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, tl.maximum((pid_m + 1) * BLOCK_M + NK - NQ, 0))
-    interior = tl.minimum(_interior_key_tiles_end(pid_m * BLOCK_M, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), hi)
+    interior = tl.minimum(interior_key_tiles_end(pid_m * BLOCK_M, NQ, NK, CAUSAL, BLOCK_M, BLOCK_N), hi)
     if (pid_m + 1) * BLOCK_M > NQ:  # a partial query block: rows past NQ must stay masked everywhere
         interior = 0
     for start_n in range(0, interior, BLOCK_N):
@@ -403,7 +291,7 @@ def _attn_bwd_dq_kernel(
                               d_ok, skn, svn, b, bh, NQ, NK, slope, POS, KPM, qk_scale, dropout_p, seed, CAUSAL,
                               HAS_ALIBI, HAS_POS, HAS_KPM, HAS_DROPOUT, NEED_DSLOPE, PRECISION, EVEN_D, True)
 
-    tl.store(DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if NEED_DSLOPE:
         tl.store(DSLOPE + bh * dslope_stride + pid_m, tl.sum(dslope, 0))
@@ -413,15 +301,18 @@ def _attn_bwd_dq_kernel(
 def _decode_split_kernel(
     Q, K, V, LENS, SLOPES, POS, KPM, O_PART, M_PART, L_PART,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ, NMAX, KEYS_PER_SPLIT, sm_scale,
+    H, NQ, NMAX, BH, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_POS: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_FACTOR: tl.constexpr,
 ):
-    """Flash-decoding, step 1: program (split, bh) attends all NQ new queries to keys
-    [split * KEYS_PER_SPLIT, (split + 1) * KEYS_PER_SPLIT) of the first LENS[b] cache slots, causal
-    bottom-right, and writes its unnormalised partial output, row max and row sum (float32).
+    """Flash-decoding, step 1: program (split, bh) attends all NQ new queries to its share of the cache's key
+    tiles (the capacity's tiles over the splits, :func:`decode_splits`), within the first LENS[b] slots,
+    causal bottom-right, and writes its unnormalised partial output, row max and row sum (float32).
 
     The grid depends only on the cache capacity, never on LENS (a device tensor): CUDA-graph friendly.
+    ``SPLIT_FACTOR`` (autotuned, with the tile and warps) sets the split count through the grid; ``BH``
+    (batch x heads) only keys the autotuning.
     """
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -441,17 +332,18 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = split * KEYS_PER_SPLIT
-    hi = tl.minimum(lo + KEYS_PER_SPLIT, n_keys)
+    keys_per_split = tl.cdiv(tl.cdiv(NMAX, BLOCK_N), tl.num_programs(0)) * BLOCK_N
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
         k = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None],
                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s = _scores(q, k, offs_m, cols, b, NQ, n_keys, NMAX, slope, POS, KPM, qk_scale,
-                    True, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
+        s = masked_scores(q, k, offs_m, cols, b, NQ, n_keys, NMAX, slope, POS, KPM, qk_scale,
+                          True, HAS_ALIBI, HAS_POS, HAS_KPM, Q.dtype.element_ty, PRECISION)
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, False)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, False)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
@@ -489,22 +381,6 @@ def _decode_combine_kernel(O_PART, M_PART, L_PART, O, sob, soh, son, H, NQ, NUM_
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def _tile_configs(gpu_tiles: list) -> list:
-    """Autotune configs from (BLOCK_M, BLOCK_N, warps, stages); one small tile under the interpreter (its
-    cost is per program, and autotuning needs CUDA)."""
-    if not (torch.cuda.is_available() and not runtime.interpreter_enabled()):
-        gpu_tiles = [(32, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in gpu_tiles]
-
-
-def _prune_tiles(configs, named_args, **kwargs):
-    """Head dims above 128 keep the tiles of at most 64 x 64 (registers and shared memory)."""
-    if {**named_args, **kwargs}["BLOCK_D"] <= 128:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[-1:]
-
-
 _TUNE_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "HAS_KPM", "HAS_DROPOUT"]
 # forward: BLOCK_M queries per program, BLOCK_N keys per step; dK/dV: BLOCK_N keys per program, BLOCK_M
 # queries per step; dQ: as the forward (FlashAttention-2's split, the Triton tutorial's tile shapes among them)
@@ -512,32 +388,13 @@ _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)
 _DKDV_TILES = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
 _DQ_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _MIN_DQ_BLOCK_M = 32  # sizes the dslope partials whatever tile the autotuner picks
-_DELTA_BLOCK_M = 64
 
 
-def _autotuned(fn, tiles):
-    return triton.autotune(configs=_tile_configs(tiles), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune_tiles})(fn)
+_attn_fwd = autotuned(_attn_fwd_kernel, _FWD_TILES, _TUNE_KEY)
+_attn_bwd_dkdv = autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES, _TUNE_KEY)
+_attn_bwd_dq = autotuned(_attn_bwd_dq_kernel, _DQ_TILES, _TUNE_KEY)
 
-
-_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_TILES)
-_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES)
-_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_TILES)
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, runtime.next_power_of_2(head_dim))  # tl.dot needs a reduction dim of at least 16
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input_precision for operands of ``dtype``: "ieee" for float32, whose 1e-4 parity contract
-    tf32 (Triton's default for float32 dots) would miss. Half-precision dots are native whatever is passed:
-    "tf32" there is only the default spelled out, not a rounding of fp16/bf16 operands."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+_decode_split = decode_autotuned(_decode_split_kernel, ["NMAX", "BH", "HEAD_DIM", "HAS_ALIBI", "HAS_KPM"])
 
 
 def _flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p) -> dict:
@@ -558,29 +415,32 @@ def attention_forward(q, k, v, *, causal, alibi_slopes, positions, key_padding_m
         alibi_slopes if alibi_slopes is not None else dummy,
         positions if positions is not None else dummy,
         key_padding_mask if key_padding_mask is not None else dummy,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        *bhn_strides(q), *bhn_strides(k), *bhn_strides(v), *bhn_strides(out),
         H, NQ, NK, scale, dropout_p, seed, runtime.next_power_of_2(max(NQ, NK)),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION=_precision(q.dtype), EVEN_D=D == _block_d(D),
+        HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION=dot_precision(q.dtype), EVEN_D=D == block_d(D),
         **_flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p),
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, *, causal, alibi_slopes, positions, key_padding_mask, scale,
-                       dropout_p, seed, need_dslopes=True):
+                       dropout_p, seed, need_dslopes=True, grads=None):
     """Launch the three backward kernels. Returns (dq, dk, dv, dslopes or None); the slope partials are only
-    computed when ``need_dslopes`` (and ALiBi is on)."""
+    computed when ``need_dslopes`` (and ALiBi is on). ``grads`` = (dq, dk, dv) are the buffers to write, shaped
+    as q, k, v, dk and dv with the same strides (e.g. the slots of a packed gradient); by default contiguous."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    BLOCK_D = _block_d(D)
-    delta_block = _DELTA_BLOCK_M if runtime.on_gpu(q) else 32
-    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(NQ, delta_block), B * H)](
-        out, do, delta, *_strides(out), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=delta_block)
+    BLOCK_D = block_d(D)
+    delta = softmax_delta(out, do)
 
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=v.device)
+    if grads is None:
+        dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
+        dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=v.device)
+    else:
+        dq, dk, dv = grads
+    if not (dk.stride() == dv.stride() and dq.stride(-1) == dk.stride(-1) == 1):
+        raise ValueError("attention_backward: dk and dv must share their strides, all grads a unit last stride")
     need_dslopes = need_dslopes and alibi_slopes is not None
     dslope_stride = triton.cdiv(NQ, _MIN_DQ_BLOCK_M)
     dslope_part = torch.zeros((B * H, dslope_stride) if need_dslopes else (1,), dtype=torch.float32,
@@ -589,15 +449,16 @@ def attention_backward(do, q, k, v, out, lse, *, causal, alibi_slopes, positions
     optional = (alibi_slopes if alibi_slopes is not None else dummy,
                 positions if positions is not None else dummy,
                 key_padding_mask if key_padding_mask is not None else dummy)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    strides = (*bhn_strides(q), *bhn_strides(k), *bhn_strides(v), *bhn_strides(do))
     bucket = runtime.next_power_of_2(max(NQ, NK))
-    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype), EVEN_D=D == BLOCK_D,
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype), EVEN_D=D == BLOCK_D,
                 **_flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p))
     _attn_bwd_dkdv[lambda m: (triton.cdiv(NK, m["BLOCK_N"]), B * H)](
-        q, k, v, do, dk, dv, lse, delta, *optional, *strides, H, NQ, NK, scale, dropout_p, seed, bucket, **meta)
+        q, k, v, do, dk, dv, lse, delta, *optional, *strides, *bhn_strides(dk), H, NQ, NK, scale, dropout_p, seed,
+        bucket, **meta)
     _attn_bwd_dq[lambda m: (triton.cdiv(NQ, m["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, *optional, dslope_part, *strides, H, NQ, NK, scale, dropout_p, seed, bucket,
-        dslope_stride, NEED_DSLOPE=need_dslopes, **meta)
+        q, k, v, do, dq, lse, delta, *optional, dslope_part, *strides, *bhn_strides(dq), H, NQ, NK, scale,
+        dropout_p, seed, bucket, dslope_stride, NEED_DSLOPE=need_dslopes, **meta)
     dslopes = dslope_part.view(B, H, dslope_stride).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
 
@@ -622,6 +483,38 @@ class AttentionFunction(torch.autograd.Function):
             dout.contiguous(), q, k, v, out, lse, alibi_slopes=alibi_slopes, positions=positions,
             key_padding_mask=key_padding_mask, need_dslopes=ctx.needs_input_grad[3], **ctx.options)
         return dq, dk, dv, dslopes, None, None, None, None, None, None
+
+
+def split_packed_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, N, D]: views (no copy) of a packed ``qkv`` [B, N, H, 3, D] (BLOOM's fused projection)."""
+    return tuple(qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """Self-attention on a packed ``qkv`` [B, N, H, 3, D]: the backward writes dq, dk and dv straight into one
+    [B, N, H, 3, D] gradient, where three views of the projection output would have autograd zero-fill and
+    add three full-size buffers."""
+
+    @staticmethod
+    def forward(ctx, qkv, alibi_slopes, positions, key_padding_mask, causal, scale, dropout_p, seed):
+        q, k, v = split_packed_qkv(qkv)
+        out, lse = attention_forward(q, k, v, causal=causal, alibi_slopes=alibi_slopes, positions=positions,
+                                     key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                                     seed=seed)
+        ctx.save_for_backward(qkv, out, lse, alibi_slopes, positions, key_padding_mask)
+        ctx.options = dict(causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qkv, out, lse, alibi_slopes, positions, key_padding_mask = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _, _, _, dslopes = attention_backward(
+            dout.contiguous(), *split_packed_qkv(qkv), out, lse, alibi_slopes=alibi_slopes, positions=positions,
+            key_padding_mask=key_padding_mask, need_dslopes=ctx.needs_input_grad[1], grads=split_packed_qkv(dqkv),
+            **ctx.options)
+        return dqkv, dslopes, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------ public ops
@@ -670,22 +563,22 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, key_padding_mask=None
     training only); its seed is drawn from torch's default generator, so ``torch.manual_seed`` makes it
     reproducible.
     """
-    _validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if runtime.use_triton(q, op="attention"):
-        if q.shape[-1] > MAX_HEAD_DIM:
-            runtime.unsupported("attention", f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})")
-        elif q.shape[2] > 0 and k.shape[2] > 0:
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-            positions = alibi_positions(key_padding_mask, k.shape[2], q.device) if alibi_slopes is not None else None
-            kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-            out, lse = AttentionFunction.apply(q, k, v, alibi_slopes, positions, kpm, causal, scale,
-                                               float(dropout_p), seed)
-            return (out, lse) if return_lse else out
-    return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
-                               key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
-                               return_lse=return_lse)
+    from ..nn import functional  # the one dispatcher: validation, backend choice, the custom op
+
+    return functional.attention(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
+                                key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                                return_lse=return_lse)
+
+
+def packed_attention(qkv, *, causal=False, alibi_slopes=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                     return_lse=False):
+    """:func:`attention` of the q, k, v packed in ``qkv`` [B, N, H, 3, D] (see :func:`split_packed_qkv`), whose
+    backward writes one packed gradient (:class:`PackedAttentionFunction`)."""
+    from ..nn import functional
+
+    return functional.packed_attention(qkv, causal=causal, alibi_slopes=alibi_slopes,
+                                       key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                                       return_lse=return_lse)
 
 
 def attention_reference(q, k, v, *, causal=False, alibi_slopes=None, key_padding_mask=None, scale=None,
@@ -706,7 +599,7 @@ def attention_reference(q, k, v, *, causal=False, alibi_slopes=None, key_padding
         j = torch.arange(NK, device=q.device)[None, :]
         visible = visible & (j <= i + (NK - NQ))
     bias = _alibi_bias(alibi_slopes, key_padding_mask, B, NK, q.dtype, q.device)
-    out, lse = _masked_softmax_attention(q, k, v, scale, bias, visible, softmax_dtype, dropout_p, dropout_mask)
+    out, lse = softmax_attention_reference(q, k, v, scale, bias, visible, softmax_dtype, dropout_p, dropout_mask)
     return (out, lse) if return_lse else out
 
 
@@ -717,23 +610,6 @@ def _alibi_bias(alibi_slopes, key_padding_mask, B, NK, dtype, device):
     pos = alibi_positions(key_padding_mask, NK, device)
     pos = torch.arange(NK, device=device).expand(B, NK) if pos is None else pos
     return (alibi_slopes.float()[None, :, None] * pos.float()[:, None, :]).to(dtype)[:, :, None, :]
-
-
-def _masked_softmax_attention(q, k, v, scale, bias, visible, softmax_dtype, dropout_p, dropout_mask):
-    """The shared eager core: (out, lse) of softmax(scale * q k^T + bias, masked by ``visible``) @ v."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias
-    scores = scores.to(softmax_dtype).masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
-    has_key = visible.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1).masked_fill(~has_key, 0.0).to(q.dtype)
-    if dropout_mask is not None:
-        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
-    elif dropout_p > 0:
-        probs = torch.nn.functional.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v), lse
 
 
 MAX_DECODE_QUERIES = 16
@@ -776,7 +652,7 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, alibi_slopes=
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.bool()[:, None, None, :]
     bias = _alibi_bias(alibi_slopes, key_padding_mask, B, NMAX, q.dtype, q.device)
-    return _masked_softmax_attention(q, k_cache, v_cache, scale, bias, visible, torch.float32, 0.0, None)[0]
+    return softmax_attention_reference(q, k_cache, v_cache, scale, bias, visible, torch.float32, 0.0, None)[0]
 
 
 def _validate_decode(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_mask, scale):
@@ -802,30 +678,33 @@ def _decode_launch(q, k_cache, v_cache, cache_lens, alibi_slopes, key_padding_ma
     NMAX = k_cache.shape[2]
     out = runtime.check_out(out, "out", q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    gpu = runtime.on_gpu(q)
-    BLOCK_N, BLOCK_M, BLOCK_D = (64 if gpu else 32), MAX_DECODE_QUERIES, _block_d(D)
-    n_blocks = triton.cdiv(NMAX, BLOCK_N)
-    # Enough programs to fill the GPU twice over when B * H alone cannot; several splits on the CPU too,
-    # so the interpreter exercises the combine step.
-    want = triton.cdiv(2 * torch.cuda.get_device_properties(q.device).multi_processor_count, B * H) if gpu else 3
-    num_splits = max(1, min(n_blocks, want))
-    keys_per_split = triton.cdiv(n_blocks, num_splits) * BLOCK_N
-    num_splits = triton.cdiv(NMAX, keys_per_split)
-    o_part = torch.empty((B * H, num_splits, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
-    m_part = torch.empty((B * H, num_splits, BLOCK_M), dtype=torch.float32, device=q.device)
+    BLOCK_M, BLOCK_D = MAX_DECODE_QUERIES, block_d(D)
+    sms = multiprocessors(q)
+
+    def splits(meta):
+        return decode_splits(NMAX, meta["BLOCK_N"], meta["SPLIT_FACTOR"], B * H, sms)
+
+    most = max(splits(c.kwargs) for c in _decode_split.configs)
+    o_part = torch.empty((B * H, most, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((B * H, most, BLOCK_M), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    positions = alibi_positions(key_padding_mask, NMAX, q.device) if alibi_slopes is not None else None
-    kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+    positions = kpm = None
+    if key_padding_mask is not None:  # derived once per decode step, not once per layer
+        if alibi_slopes is not None:
+            positions = runtime.derived_once(key_padding_mask, "alibi_positions",
+                                             lambda m: alibi_positions(m, NMAX, q.device))
+        kpm = runtime.derived_once(key_padding_mask, "mask_int8", runtime.int8_mask)
     k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
-    _decode_split_kernel[(num_splits, B * H)](
+    _decode_split[lambda meta: (splits(meta), B * H)](
         q, k_cache, v_cache, cache_lens,
         alibi_slopes if alibi_slopes is not None else m_part, positions if positions is not None else m_part,
         kpm if kpm is not None else m_part, o_part, m_part, l_part,
-        *_strides(q), *_strides(k_cache), *_strides(v_cache), H, NQ, NMAX, keys_per_split, scale,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_ALIBI=alibi_slopes is not None,
-        HAS_POS=positions is not None, HAS_KPM=kpm is not None, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=3 if gpu else 1)
-    _decode_combine_kernel[(B * H,)](o_part, m_part, l_part, out, *_strides(out), H, NQ, num_splits,
+        *bhn_strides(q), *bhn_strides(k_cache), *bhn_strides(v_cache), H, NQ, NMAX, B * H, scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, HAS_ALIBI=alibi_slopes is not None,
+        HAS_POS=positions is not None, HAS_KPM=kpm is not None, PRECISION=dot_precision(q.dtype))
+    # the partials are laid out by the split count of the config that ran
+    _decode_combine_kernel[(B * H,)](o_part, m_part, l_part, out, *bhn_strides(out), H, NQ,
+                                     splits(_decode_split.best_config.all_kwargs()),
                                      HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, num_warps=4)
     return out
 
@@ -837,7 +716,7 @@ def _dropout_mask_kernel(KEEP, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr, B
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
+    keep = dropout_keep(seed, bh, offs_m, offs_n, NQ, NK, dropout_p)
     mask = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
     tl.store(KEEP + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], keep.to(tl.int8), mask=mask)
 

@@ -420,18 +420,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     ``chunk_size`` (tokens per chunk) overrides the default, which keeps one chunk's logits near 1 GiB.
     Gradients flow to hidden, weight and bias.
     """
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _validate(hidden, weight, target, bias, ignore_index, reduction, chunk_size)
-    _check_target_range(target, weight.shape[0], ignore_index)
-    if not runtime.use_triton(hidden, weight, target, op="fused_linear_cross_entropy"):
-        return fused_linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction)
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    # The kernel indexes target as a dense [T] vector: reshape alone would keep a 1-D strided view.
-    flat_target = target.reshape(-1).contiguous()
-    loss = FusedLinearCrossEntropyFunction.apply(
-        runtime.as_rows(hidden), weight, flat_target, bias, ignore_index, reduction, chunk_size, needs)
-    return loss.view(target.shape) if reduction == "none" else loss
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                                 chunk_size=chunk_size)
 
 
 def fused_linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import (MAX_HEAD_DIM, _block_d, _masked_softmax_attention, _online_softmax_step, _precision,
-                        _probabilities, _scores, attention_reference, check_scale)
+from .attention import attention_reference, check_scale
+from .flash import (MAX_HEAD_DIM, bhn_strides, block_d, decode_autotuned, decode_splits, dot_precision,
+                    masked_scores, multiprocessors, online_softmax_step, probabilities, softmax_attention_reference)
 
 
 
@@ -108,17 +109,17 @@ def _diff_fwd_kernel(
         va = tl.load(V + b * svb + g * svh + cols[:, None] * svn + offs_d[None, :], mask=v_mask, other=0.0)
         vb = tl.load(V + b * svb + g2 * svh + cols[:, None] * svn + offs_d[None, :], mask=v_mask, other=0.0)
 
-        s1 = _scores(q1, k1T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
-                     CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-        p1, alpha1, m1_new, l1 = _online_softmax_step(s1, m1, l1, False)
+        s1 = masked_scores(q1, k1T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
+                           CAUSAL, False, False, HAS_KPM, DT, PRECISION)
+        p1, alpha1, m1_new, l1 = online_softmax_step(s1, m1, l1, False)
         p1 = p1.to(DT)
         acc1a = acc1a * alpha1[:, None] + tl.dot(p1, va, input_precision=PRECISION)
         acc1b = acc1b * alpha1[:, None] + tl.dot(p1, vb, input_precision=PRECISION)
         m1 = m1_new
 
-        s2 = _scores(q2, k2T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
-                     CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-        p2, alpha2, m2_new, l2 = _online_softmax_step(s2, m2, l2, False)
+        s2 = masked_scores(q2, k2T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
+                           CAUSAL, False, False, HAS_KPM, DT, PRECISION)
+        p2, alpha2, m2_new, l2 = online_softmax_step(s2, m2, l2, False)
         p2 = p2.to(DT)
         acc2a = acc2a * alpha2[:, None] + tl.dot(p2, va, input_precision=PRECISION)
         acc2b = acc2b * alpha2[:, None] + tl.dot(p2, vb, input_precision=PRECISION)
@@ -237,9 +238,9 @@ def _diff_bwd_dkdv_kernel(
                 dob = tl.load(DO + do_rows + HEAD_DIM, mask=mask, other=0.0)
                 lse = tl.load((LSE1 if half == 0 else LSE2) + stat, mask=row_ok, other=0.0) * 1.4426950408889634
                 delta = tl.load((DELTA1 if half == 0 else DELTA2) + stat, mask=row_ok, other=0.0)
-                s = _scores(q, kT, rows, offs_n, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
-                            CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-                p = _probabilities(s, lse)
+                s = masked_scores(q, kT, rows, offs_n, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
+                                  CAUSAL, False, False, HAS_KPM, DT, PRECISION)
+                p = probabilities(s, lse)
                 pT = tl.trans(p.to(DT))
                 dva += tl.dot(pT, doa, input_precision=PRECISION)
                 dvb += tl.dot(pT, dob, input_precision=PRECISION)
@@ -307,15 +308,15 @@ def _diff_bwd_dq_kernel(
         k2T = tl.load(K + b * skb + g2 * skh + cols[None, :] * skn + offs_d[:, None], mask=kT_mask, other=0.0)
         vaT = tl.load(V + b * svb + g * svh + cols[None, :] * svn + offs_d[:, None], mask=kT_mask, other=0.0)
         vbT = tl.load(V + b * svb + g2 * svh + cols[None, :] * svn + offs_d[:, None], mask=kT_mask, other=0.0)
-        s1 = _scores(q1, k1T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
-                     CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-        p1 = _probabilities(s1, lse1)
+        s1 = masked_scores(q1, k1T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
+                           CAUSAL, False, False, HAS_KPM, DT, PRECISION)
+        p1 = probabilities(s1, lse1)
         dp1 = tl.dot(do1a, vaT, input_precision=PRECISION) + tl.dot(do1b, vbT, input_precision=PRECISION)
         ds1 = (p1 * (dp1 - delta1[:, None])).to(DT)
         dq1 += tl.dot(ds1, tl.trans(k1T), input_precision=PRECISION)
-        s2 = _scores(q2, k2T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
-                     CAUSAL, False, False, HAS_KPM, DT, PRECISION)
-        p2 = _probabilities(s2, lse2)
+        s2 = masked_scores(q2, k2T, offs_m, cols, b, NQ, NK, NK, 0.0, KPM, KPM, qk_scale,
+                           CAUSAL, False, False, HAS_KPM, DT, PRECISION)
+        p2 = probabilities(s2, lse2)
         dp2 = tl.dot(do2a, vaT, input_precision=PRECISION) + tl.dot(do2b, vbT, input_precision=PRECISION)
         ds2 = (p2 * (dp2 - delta2[:, None])).to(DT)
         dq2 += tl.dot(ds2, tl.trans(k2T), input_precision=PRECISION)
@@ -329,13 +330,15 @@ def _diff_bwd_dq_kernel(
 def _diff_decode_split_kernel(
     Q, K, V, LENS, KPM, O_PART, ML_PART,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    HP, R, HKV_HALF, NQ, NMAX, KEYS_PER_SPLIT, sm_scale,
+    HP, R, HKV_HALF, NQ, NMAX, GROUPS, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, SPLIT_FACTOR: tl.constexpr,
 ):
     """Differential flash-decoding, step 1. Program (split, b * HKV_HALF + g): the R pairs of KV group g times
     the NQ new queries form the tile rows (row m = pair g*R + m // NQ, query m % NQ), so k_g, k_g', v_g, v_g'
-    are read once per group; keys [split * KEYS_PER_SPLIT, ...) of the first LENS[b] slots, causal bottom-right.
+    are read once per group; the split's share of the key tiles (:func:`decode_splits`, autotuned with
+    ``SPLIT_FACTOR``; ``GROUPS`` = B * HKV_HALF only keys the tuning) of the first LENS[b] slots, causal
+    bottom-right.
     Writes both maps' unnormalised accumulators (O_PART [.., 4, BLOCK_M, BLOCK_D]) and (max, sum) pairs
     (ML_PART [.., 4, BLOCK_M]), float32. The grid depends only on the capacity: CUDA-graph friendly."""
     split = tl.program_id(0)
@@ -364,8 +367,9 @@ def _diff_decode_split_kernel(
     acc1b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc2a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc2b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = split * KEYS_PER_SPLIT
-    hi = tl.minimum(lo + KEYS_PER_SPLIT, n_keys)
+    keys_per_split = tl.cdiv(tl.cdiv(NMAX, BLOCK_N), tl.num_programs(0)) * BLOCK_N
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
@@ -375,17 +379,17 @@ def _diff_decode_split_kernel(
         v_mask = col_ok[:, None] & d_ok[None, :]
         va = tl.load(V + b * svb + g * svh + cols[:, None] * svn + offs_d[None, :], mask=v_mask, other=0.0)
         vb = tl.load(V + b * svb + g2 * svh + cols[:, None] * svn + offs_d[None, :], mask=v_mask, other=0.0)
-        s1 = _scores(q1, k1T, query, cols, b, NQ, n_keys, NMAX, 0.0, KPM, KPM, qk_scale,
-                     True, False, False, HAS_KPM, DT, PRECISION)
+        s1 = masked_scores(q1, k1T, query, cols, b, NQ, n_keys, NMAX, 0.0, KPM, KPM, qk_scale,
+                           True, False, False, HAS_KPM, DT, PRECISION)
         s1 = tl.where(col_ok[None, :], s1, float("-inf"))
-        p1, alpha1, m1, l1 = _online_softmax_step(s1, m1, l1, False)
+        p1, alpha1, m1, l1 = online_softmax_step(s1, m1, l1, False)
         p1 = p1.to(DT)
         acc1a = acc1a * alpha1[:, None] + tl.dot(p1, va, input_precision=PRECISION)
         acc1b = acc1b * alpha1[:, None] + tl.dot(p1, vb, input_precision=PRECISION)
-        s2 = _scores(q2, k2T, query, cols, b, NQ, n_keys, NMAX, 0.0, KPM, KPM, qk_scale,
-                     True, False, False, HAS_KPM, DT, PRECISION)
+        s2 = masked_scores(q2, k2T, query, cols, b, NQ, n_keys, NMAX, 0.0, KPM, KPM, qk_scale,
+                           True, False, False, HAS_KPM, DT, PRECISION)
         s2 = tl.where(col_ok[None, :], s2, float("-inf"))
-        p2, alpha2, m2, l2 = _online_softmax_step(s2, m2, l2, False)
+        p2, alpha2, m2, l2 = online_softmax_step(s2, m2, l2, False)
         p2 = p2.to(DT)
         acc2a = acc2a * alpha2[:, None] + tl.dot(p2, va, input_precision=PRECISION)
         acc2b = acc2b * alpha2[:, None] + tl.dot(p2, vb, input_precision=PRECISION)
@@ -447,15 +451,25 @@ def _diff_decode_combine_kernel(O_PART, ML_PART, LAMBDA, OUT, HP, R, HKV_HALF, N
 
 # ---------------------------------------------------------------------------------------------- launchers
 
+def _prune_decode(configs, named_args, **kwargs):
+    """Above 32 rows (query heads per KV head x new queries) the four accumulators want 8 warps and at most
+    128 x 64 scores per tile."""
+    rows = {**named_args, **kwargs}["BLOCK_M"]
+    if rows <= 32:
+        return configs
+    kept = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_N"] * rows <= 128 * 64]
+    return kept or [triton.Config({"BLOCK_N": 32, "SPLIT_FACTOR": 4}, num_warps=8, num_stages=2)]
+
+
+_diff_decode_split = decode_autotuned(_diff_decode_split_kernel, ["NMAX", "GROUPS", "HEAD_DIM", "BLOCK_M", "HAS_KPM"],
+                                      prune=_prune_decode)
+
+
 def _blocks(head_dim: int, gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): four accumulators per program, so smaller tiles than flash."""
     if not gpu:
         return 32, 32, 4, 1
     return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 8, 2)
-
-
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _geometry(q, k):
@@ -479,9 +493,9 @@ def diff_attention_forward(q, k, v, lambda_full, *, lambda_init, causal, key_pad
         q, k, v, lambda_full, out, o1 if save_for_backward else out, o2 if save_for_backward else out,
         lse1 if save_for_backward else out, lse2 if save_for_backward else out,
         key_padding_mask if key_padding_mask is not None else out,
-        *_strides(q), *_strides(k), *_strides(v), HP, R, HKV_HALF, NQ, NK, scale, 1.0 - lambda_init, eps,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=bool(causal),
-        HAS_KPM=key_padding_mask is not None, SAVE_O=bool(save_for_backward), PRECISION=_precision(q.dtype),
+        *bhn_strides(q), *bhn_strides(k), *bhn_strides(v), HP, R, HKV_HALF, NQ, NK, scale, 1.0 - lambda_init, eps,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=bool(causal),
+        HAS_KPM=key_padding_mask is not None, SAVE_O=bool(save_for_backward), PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     return out, o1, o2, lse1, lse2
 
@@ -491,7 +505,7 @@ def diff_attention_backward(dout, q, k, v, lambda_full, o1, o2, lse1, lse2, *, l
     """Launch the three backward kernels. Returns (dq, dk, dv, dlambda as a float32 0-dim tensor)."""
     B, H, NQ, D, HKV, NK, HP, R, HKV_HALF = _geometry(q, k)
     BLOCK_M, BLOCK_N, warps, stages = _blocks(D, runtime.on_gpu(q))
-    BLOCK_D = _block_d(D)
+    BLOCK_D = block_d(D)
     n_mblocks = triton.cdiv(NQ, BLOCK_M)
     do1, do2 = torch.empty_like(o1), torch.empty_like(o2)
     delta1, delta2 = torch.empty_like(lse1), torch.empty_like(lse2)
@@ -503,9 +517,9 @@ def diff_attention_backward(dout, q, k, v, lambda_full, o1, o2, lse1, lse2, *, l
     dk = torch.empty((B, HKV, NK, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, HKV, NK, D), dtype=v.dtype, device=v.device)
     kpm = key_padding_mask if key_padding_mask is not None else lse1
-    common = (*_strides(q), *_strides(k), *_strides(v), HP, R, HKV_HALF, NQ, NK, scale)
+    common = (*bhn_strides(q), *bhn_strides(k), *bhn_strides(v), HP, R, HKV_HALF, NQ, NK, scale)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=bool(causal),
-                HAS_KPM=key_padding_mask is not None, PRECISION=_precision(q.dtype), num_warps=warps,
+                HAS_KPM=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), num_warps=warps,
                 num_stages=stages)
     _diff_bwd_dkdv_kernel[(triton.cdiv(NK, BLOCK_N), B * HKV_HALF)](
         q, k, v, do1, do2, lse1, lse2, delta1, delta2, dk, dv, kpm, *common, **meta)
@@ -585,18 +599,10 @@ def diff_attention(q, k, v, lambda_full, lambda_init, *, causal=True, key_paddin
     eps the group norm's epsilon (``rms_norm_eps``), scale default D^-1/2. Gradients flow to q, k, v and
     lambda_full (and through ``diff_lambda`` to the four lambda vectors).
     """
-    _validate(q, k, v, lambda_full, lambda_init, key_padding_mask, eps, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if runtime.use_triton(q, op="diff_attention"):
-        if q.shape[-1] > MAX_HEAD_DIM:
-            runtime.unsupported("diff_attention", f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})")
-        elif q.shape[2] > 0 and k.shape[2] > 0:
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-            kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
-            return DiffAttentionFunction.apply(q, k, v, lambda_full.reshape(()), float(lambda_init), causal, kpm,
-                                               float(eps), scale)
-    return diff_attention_reference(q, k, v, lambda_full, lambda_init, causal=causal,
-                                    key_padding_mask=key_padding_mask, eps=eps, scale=scale)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.diff_attention(q, k, v, lambda_full, lambda_init, causal=causal,
+                                     key_padding_mask=key_padding_mask, eps=eps, scale=scale)
 
 
 def diff_attention_reference(q, k, v, lambda_full, lambda_init, *, causal=True, key_padding_mask=None, eps=1e-5,
@@ -669,7 +675,7 @@ def diff_decode_attention_reference(q, k_cache, v_cache, cache_lens, lambda_full
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.bool()[:, None, None, :]
     def attend(q_, k_, v_):
-        return _masked_softmax_attention(q_, k_, v_, scale, None, visible, torch.float32, 0.0, None)[0]
+        return softmax_attention_reference(q_, k_, v_, scale, None, visible, torch.float32, 0.0, None)[0]
     return _diff_combine(q, k_cache, v_cache, lambda_full, lambda_init, eps, attend)
 
 
@@ -687,23 +693,23 @@ def _diff_decode_launch(q, k_cache, v_cache, cache_lens, lambda_full, lambda_ini
                         out):
     B, H, NQ, D, HKV, NMAX, HP, R, HKV_HALF = _geometry(q, k_cache)
     out = runtime.check_out(out, "out", q, shape=(B, NQ, HP, 2 * D))
-    gpu = runtime.on_gpu(q)
-    BLOCK_M, BLOCK_N, BLOCK_D = max(16, runtime.next_power_of_2(R * NQ)), (64 if gpu else 32), _block_d(D)
-    n_blocks = triton.cdiv(NMAX, BLOCK_N)
-    want = triton.cdiv(2 * torch.cuda.get_device_properties(q.device).multi_processor_count,
-                       B * HKV_HALF) if gpu else 3
-    keys_per_split = triton.cdiv(n_blocks, max(1, min(n_blocks, want))) * BLOCK_N
-    num_splits = triton.cdiv(NMAX, keys_per_split)
-    o_part = torch.empty((B * HKV_HALF, num_splits, 4, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
-    ml_part = torch.empty((B * HKV_HALF, num_splits, 4, BLOCK_M), dtype=torch.float32, device=q.device)
-    kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+    BLOCK_M, BLOCK_D = max(16, runtime.next_power_of_2(R * NQ)), block_d(D)
+    groups, sms = B * HKV_HALF, multiprocessors(q)
+
+    def splits(meta):
+        return decode_splits(NMAX, meta["BLOCK_N"], meta["SPLIT_FACTOR"], groups, sms)
+
+    most = max(splits(c.kwargs) for c in _diff_decode_split.configs)
+    o_part = torch.empty((groups, most, 4, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
+    ml_part = torch.empty((groups, most, 4, BLOCK_M), dtype=torch.float32, device=q.device)
+    kpm = None if key_padding_mask is None else runtime.derived_once(key_padding_mask, "mask_int8", runtime.int8_mask)
     k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
-    _diff_decode_split_kernel[(num_splits, B * HKV_HALF)](
+    _diff_decode_split[lambda meta: (splits(meta), groups)](
         q, k_cache, v_cache, cache_lens, kpm if kpm is not None else ml_part, o_part, ml_part,
-        *_strides(q), *_strides(k_cache), *_strides(v_cache), HP, R, HKV_HALF, NQ, NMAX, keys_per_split, scale,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_KPM=kpm is not None,
-        PRECISION=_precision(q.dtype), num_warps=4 if BLOCK_M <= 32 else 8, num_stages=2 if gpu else 1)
-    _diff_decode_combine_kernel[(B * HKV_HALF,)](
-        o_part, ml_part, lambda_full, out, HP, R, HKV_HALF, NQ, num_splits, 1.0 - lambda_init, eps,
+        *bhn_strides(q), *bhn_strides(k_cache), *bhn_strides(v_cache), HP, R, HKV_HALF, NQ, NMAX, groups, scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, HAS_KPM=kpm is not None, PRECISION=dot_precision(q.dtype))
+    _diff_decode_combine_kernel[(groups,)](  # the partials are laid out by the split count of the config that ran
+        o_part, ml_part, lambda_full, out, HP, R, HKV_HALF, NQ, splits(_diff_decode_split.best_config.all_kwargs()),
+        1.0 - lambda_init, eps,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, num_warps=4)
     return out

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import runtime
 from .int_ops import (FixedPoint, GeluConstants, SoftmaxConstants, _check_bits, _check_params, _gelu_requant_residual,
@@ -42,14 +44,15 @@ MAX_HEAD_DIM = 256
 
 # ---------------------------------------------------------------------------------------------- configs
 
-def _gemm_configs() -> list:
+def _gemm_configs(pre_hook=None) -> list:
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); the first also serves the interpreter
         (128, 128, 128, 4, 8), (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 64, 4, 4),
         (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 64, 128, 4, 8),
         (64, 128, 128, 4, 8), (64, 64, 128, 3, 4), (64, 64, 128, 3, 8),
     ]
     return runtime.autotune_configs([
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w,
+                      pre_hook=pre_hook)
         for bm, bn, bk, s, w in shapes])
 
 
@@ -102,14 +105,7 @@ def _int_linear_kernel(X, W, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
     PM/PE, RM/RE and (without GELU) QM/QE are :func:`narrow_params`; after the GELU the requantization
     takes the general 96-bit form (values pass 2**32).
     """
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * tiles_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # wrapped (in-bounds) row/column indices keep the main-loop loads unmasked
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -128,7 +124,28 @@ def _int_linear_kernel(X, W, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 asserts acc dtype == out_dtype (default fp32)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
+    _linear_epilogue(acc, pid_m, pid_n, M, N, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE, stride_rm, lo, hi,
+                     gelu_stride, quant_stride, res_stride, HAS_BIAS, HAS_PRESCALE, HAS_GELU, HAS_REQUANT, HAS_RES,
+                     BLOCK_M, BLOCK_N)
 
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of the linear tile index: grouped ordering, GROUP_M row tiles share each
+    column sweep so the W tiles stay in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % group) % group_m, (tile % group) // group_m
+
+
+@triton.jit
+def _linear_epilogue(acc, pid_m, pid_n, M, N, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE, stride_rm, lo, hi,
+                     gelu_stride, quant_stride, res_stride, HAS_BIAS: tl.constexpr, HAS_PRESCALE: tl.constexpr,
+                     HAS_GELU: tl.constexpr, HAS_REQUANT: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The integer epilogue of one int32 accumulator tile (module docstring, steps 1-4), stored to Y [M, N]."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -149,6 +166,38 @@ def _int_linear_kernel(X, W, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
             acc += tl.load(BIAS + cols, mask=col_ok, other=0)[None, :]
         out = acc
     tl.store(Y + rows64[:, None] * N + cols[None, :], out, mask=mask)
+
+
+def _set_tma_blocks(nargs):
+    """Config pre-hook: the TMA descriptors load the tile shapes of the config being run."""
+    nargs["X_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["W_DESC"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+@triton.autotune(configs=_gemm_configs(pre_hook=_set_tma_blocks),
+                 key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_PRESCALE", "HAS_GELU", "HAS_REQUANT", "HAS_RES"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _int_linear_tma_kernel(X_DESC, W_DESC, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE,
+                           M, N, K, stride_rm, lo, hi, gelu_stride, quant_stride, res_stride, M_BUCKET,
+                           HAS_BIAS: tl.constexpr, HAS_PRESCALE: tl.constexpr, HAS_GELU: tl.constexpr,
+                           HAS_REQUANT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """:func:`_int_linear_kernel`'s tiles, persistent (about one program per SM, each striding over the tile
+    index, the loops flattened so the next tile's loads overlap this tile's epilogue) with X and W read by
+    TMA descriptors (Hopper's tensor memory accelerator: bulk copies, out-of-range elements read as 0)."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for kk in range(k_steps):
+            a = X_DESC.load([pid_m * BLOCK_M, kk * BLOCK_K])
+            b = W_DESC.load([pid_n * BLOCK_N, kk * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        _linear_epilogue(acc, pid_m, pid_n, M, N, BIAS, R, Y, PM, PE, GB, GC, GS, QM, QE, RM, RE, stride_rm, lo,
+                         hi, gelu_stride, quant_stride, res_stride, HAS_BIAS, HAS_PRESCALE, HAS_GELU, HAS_REQUANT,
+                         HAS_RES, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -367,16 +416,64 @@ def _linear_launch(x, weight, bias, prescale, gelu, requant, bits, residual, res
     qm, qe = (requant if gelu is not None else narrow_params(requant)) if requant is not None else dummy[:2]
     rm, re = narrow_params(residual_requant) if residual_requant is not None else dummy[:2]
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    epilogue = (bias if bias is not None else x2, r2, y.view(m, n), pm, pe, gb, gc, gs, qm, qe, rm, re)
+    sizes = (m, n, k)
+    scalars = (r2.stride(0), lo, hi, _stride(gb), _stride(qm), _stride(rm), runtime.next_power_of_2(m))
+    flags = dict(HAS_BIAS=bias is not None, HAS_PRESCALE=prescale is not None, HAS_GELU=gelu is not None,
+                 HAS_REQUANT=requant is not None, HAS_RES=residual is not None)
 
-    _int_linear_kernel[grid](
-        x2, w, bias if bias is not None else x2, r2, y.view(m, n), pm, pe, gb, gc, gs, qm, qe, rm, re,
-        m, n, k, x2.stride(0), w.stride(0), r2.stride(0), lo, hi, _stride(gb), _stride(qm), _stride(rm),
-        runtime.next_power_of_2(m),
-        HAS_BIAS=bias is not None, HAS_PRESCALE=prescale is not None, HAS_GELU=gelu is not None,
-        HAS_REQUANT=requant is not None, HAS_RES=residual is not None)
+    def tiled():
+        _int_linear_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+            x2, w, *epilogue, *sizes, x2.stride(0), w.stride(0), *scalars, **flags)
+
+    def tma():
+        # placeholder block shapes: each config's pre-hook sets its own
+        descriptors = [TensorDescriptor.from_tensor(t, [16, 32]) for t in (x2, w)]
+        programs = _persistent_programs(x2.device)
+        _int_linear_tma_kernel[lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"])
+                                                 * triton.cdiv(n, meta["BLOCK_N"])),)](
+            *descriptors, *epilogue, *sizes, *scalars, **flags)
+
+    key = (x2.device, runtime.next_power_of_2(m), n, k, *flags.values())
+    _choose_linear_kernel(key, {"tiled": tiled, "tma": tma} if _tma_ok(x2, w) else {"tiled": tiled})()
     return y
+
+
+LINEAR_KERNELS = ("tiled", "tma")
+_force_linear_kernel: str | None = None  # tests pin one of LINEAR_KERNELS; None = measured choice
+_linear_choice: dict = {}
+
+
+def _tma_ok(x2: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA descriptors need a Hopper (or later) GPU, 16-byte aligned bases and row strides (int8: multiples
+    of 16 elements)."""
+    if _force_linear_kernel == "tma":
+        return True
+    return (x2.is_cuda and runtime.on_gpu(x2) and torch.cuda.get_device_capability(x2.device)[0] >= 9
+            and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x2, w)))
+
+
+def _persistent_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, each striding over several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _choose_linear_kernel(key, launchers: dict):
+    """The launcher to run for ``key`` (device, M bucket, N, K, epilogue flags): the pinned one, the only one,
+    or the faster of the two, timed once per key after each has autotuned its tiles (both are exact, so the
+    choice changes speed only). Never timed inside a CUDA-graph capture: the tiled kernel serves it."""
+    if _force_linear_kernel is not None:
+        return launchers[_force_linear_kernel]
+    if len(launchers) == 1:
+        return launchers["tiled"]
+    choice = _linear_choice.get(key)
+    if choice is None:
+        if key[0].type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return launchers["tiled"]
+        times = {name: triton.testing.do_bench(launch, warmup=5, rep=20) for name, launch in launchers.items()}
+        choice = _linear_choice[key] = min(times, key=times.get)
+    return launchers[choice]
 
 
 def _attention_launch(q, k, v, constants, requant, bits, mask, return_probs, out):

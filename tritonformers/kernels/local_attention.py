@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import MAX_HEAD_DIM, _attn_bwd_delta_kernel, _block_d, _online_softmax_step, _precision
+from .flash import (MAX_HEAD_DIM, autotuned, bhn_strides, block_d, dot_precision, online_softmax_step,
+                    prune_to_chunk, softmax_delta)
 
 MASK_VALUES = {torch.float64: -1e9, torch.float32: -1e9, torch.bfloat16: -998244352.0, torch.float16: -1e4}
 
@@ -76,7 +77,7 @@ def _local_fwd_tile(acc, m_i, l_i, q, k_base, v_base, rows, cols, slot_cols, off
     kT = _load_tile(k_base, cols[None, :] * skn + offs_d[:, None], slot_cols, d_ok, C, EVEN_C and EVEN_D, False)
     s, _ = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
                          CAUSAL, HAS_KPM, PRECISION, EVEN_C)
-    p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, True)
+    p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, True)
     if HAS_DROPOUT:
         keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -113,15 +114,16 @@ def _local_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     width = C * (1 + BEFORE + AFTER)
-    for o in range(0, 1 + BEFORE + AFTER):
-        key_chunk = (chunk + o - BEFORE + NCHUNKS) % NCHUNKS
-        for start in range(0, C, BLOCK_N):
-            slot_cols = start + tl.arange(0, BLOCK_N)
-            cols = key_chunk * C + slot_cols
-            acc, m_i, l_i = _local_fwd_tile(acc, m_i, l_i, q, K + b * skb + h * skh, V + b * svb + h * svh,
-                                            rows, cols, slot_cols, offs_d, d_ok, skn, svn, b, bh, o, L, C, width,
-                                            KPM, scale, mask_value, dropout_p, seed, CAUSAL, HAS_KPM,
-                                            HAS_DROPOUT, PRECISION, EVEN_D, EVEN_C)
+    tiles = tl.cdiv(C, BLOCK_N)
+    # one flat loop over (window chunk, key tile) so the pipeliner prefetches across chunk boundaries too
+    for t in range(0, (1 + BEFORE + AFTER) * tiles):
+        o = t // tiles
+        slot_cols = (t % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = ((chunk + o - BEFORE + NCHUNKS) % NCHUNKS) * C + slot_cols
+        acc, m_i, l_i = _local_fwd_tile(acc, m_i, l_i, q, K + b * skb + h * skh, V + b * svb + h * svh,
+                                        rows, cols, slot_cols, offs_d, d_ok, skn, svn, b, bh, o, L, C, width,
+                                        KPM, scale, mask_value, dropout_p, seed, CAUSAL, HAS_KPM,
+                                        HAS_DROPOUT, PRECISION, EVEN_D, EVEN_C)
     # HF forms P = exp(S - lse) with lse rounded to the model dtype; next to a finite MASK of -1e9 that
     # rounding swallows log(l), so a fully masked row sums its values instead of averaging them.
     lse = (m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0))).to(Q.dtype.element_ty).to(tl.float32)
@@ -160,30 +162,30 @@ def _local_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     width = C * (1 + BEFORE + AFTER)
-    for o in range(0, 1 + BEFORE + AFTER):
-        q_chunk = (key_chunk - o + BEFORE + NCHUNKS) % NCHUNKS
-        for start in range(0, C, BLOCK_M):
-            in_chunk = start + tl.arange(0, BLOCK_M)
-            rows = q_chunk * C + in_chunk
-            row_ok = in_chunk < C
-            mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mask, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
-            lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
-            s, keep_mask = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
-                                         CAUSAL, HAS_KPM, PRECISION, False)
-            p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, vT, input_precision=PRECISION)
-            if HAS_DROPOUT:
-                keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
-                p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_kept = p
-            dv += tl.dot(tl.trans(p_kept.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
-            ds = tl.where(keep_mask, p * (dp - delta[:, None]), 0.0)  # masked scores are constants
-            dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, input_precision=PRECISION)
+    tiles = tl.cdiv(C, BLOCK_M)
+    for t in range(0, (1 + BEFORE + AFTER) * tiles):  # flat (window offset, query tile) loop, as the forward
+        o = t // tiles
+        in_chunk = (t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = ((key_chunk - o + BEFORE + NCHUNKS) % NCHUNKS) * C + in_chunk
+        row_ok = in_chunk < C
+        mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
+        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+        s, keep_mask = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
+                                     CAUSAL, HAS_KPM, PRECISION, False)
+        p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
+            p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_kept = p
+        dv += tl.dot(tl.trans(p_kept.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
+        ds = tl.where(keep_mask, p * (dp - delta[:, None]), 0.0)  # masked scores are constants
+        dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty)), q, input_precision=PRECISION)
     out = bh * L * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     out_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
@@ -218,48 +220,28 @@ def _local_bwd_dq_kernel(
     delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     width = C * (1 + BEFORE + AFTER)
-    for o in range(0, 1 + BEFORE + AFTER):
-        key_chunk = (chunk + o - BEFORE + NCHUNKS) % NCHUNKS
-        for start in range(0, C, BLOCK_N):
-            slot_cols = start + tl.arange(0, BLOCK_N)
-            cols = key_chunk * C + slot_cols
-            kv_mask = (slot_cols < C)[None, :] & d_ok[:, None]
-            kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
-            vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
-            s, keep_mask = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
-                                         CAUSAL, HAS_KPM, PRECISION, False)
-            p = tl.exp(s - lse[:, None])
-            dp = tl.dot(do, vT, input_precision=PRECISION)
-            if HAS_DROPOUT:
-                keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = tl.where(keep_mask, p * (dp - delta[:, None]), 0.0)
-            dq += tl.dot(ds.to(K.dtype.element_ty), tl.trans(kT), input_precision=PRECISION)
+    tiles = tl.cdiv(C, BLOCK_N)
+    for t in range(0, (1 + BEFORE + AFTER) * tiles):  # flat (window chunk, key tile) loop, as the forward
+        o = t // tiles
+        slot_cols = (t % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = ((chunk + o - BEFORE + NCHUNKS) % NCHUNKS) * C + slot_cols
+        kv_mask = (slot_cols < C)[None, :] & d_ok[:, None]
+        kT = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=kv_mask, other=0.0)
+        vT = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None], mask=kv_mask, other=0.0)
+        s, keep_mask = _local_scores(q, kT, rows, cols, slot_cols, b, L, C, KPM, scale, mask_value,
+                                     CAUSAL, HAS_KPM, PRECISION, False)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _local_dropout_keep(seed, bh, rows, o * C + slot_cols, L, width, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = tl.where(keep_mask, p * (dp - delta[:, None]), 0.0)
+        dq += tl.dot(ds.to(K.dtype.element_ty), tl.trans(kT), input_precision=PRECISION)
     tl.store(DQ + bh * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-
-def _tiles(gpu_tiles: list) -> list:
-    """Autotune configs from (BLOCK_M, BLOCK_N, warps, stages); one small tile under the interpreter."""
-    if not (torch.cuda.is_available() and not runtime.interpreter_enabled()):
-        gpu_tiles = [(32, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in gpu_tiles]
-
-
-def _prune_to_chunk(configs, named_args, **kwargs):
-    """Tiles no wider than the chunk (as a power of two >= 16), and at most 64 x 64 above a head dim of 128."""
-    args = {**named_args, **kwargs}
-    cap = max(16, runtime.next_power_of_2(args["C"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
-            and (args["BLOCK_D"] <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
-    if kept:
-        return kept
-    small = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    return [triton.Config({"BLOCK_M": min(small.kwargs["BLOCK_M"], cap), "BLOCK_N": min(small.kwargs["BLOCK_N"], cap)},
-                          num_warps=small.num_warps, num_stages=small.num_stages)]
-
 
 _KEY = ["C", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT"]
 # the first tile of each list is what the launcher used before autotuning (head dim 128; 64 took 128 x 64 / 4 warps)
@@ -267,19 +249,10 @@ _FWD_TILES = [(64, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)
 _BWD_TILES = [(64, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2)]
 
 
-def _tuned(fn, tiles, even=False):
-    if even:
-        fn = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_M"] == 0 and a["C"] % a["BLOCK_N"] == 0})(fn)
-    return triton.autotune(configs=_tiles(tiles), key=_KEY, prune_configs_by={"early_config_prune": _prune_to_chunk})(fn)
-
-
-_local_fwd = _tuned(_local_fwd_kernel, _FWD_TILES, even=True)
-_local_bwd_dkdv = _tuned(_local_bwd_dkdv_kernel, _BWD_TILES)
-_local_bwd_dq = _tuned(_local_bwd_dq_kernel, _BWD_TILES)
-
-
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
+_EVEN_C = {"EVEN_C": lambda a: a["C"] % a["BLOCK_M"] == 0 and a["C"] % a["BLOCK_N"] == 0}
+_local_fwd = autotuned(_local_fwd_kernel, _FWD_TILES, _KEY, prune_to_chunk, heuristics=_EVEN_C)
+_local_bwd_dkdv = autotuned(_local_bwd_dkdv_kernel, _BWD_TILES, _KEY, prune_to_chunk)
+_local_bwd_dq = autotuned(_local_bwd_dq_kernel, _BWD_TILES, _KEY, prune_to_chunk)
 
 
 class LocalAttentionFunction(torch.autograd.Function):
@@ -291,11 +264,12 @@ class LocalAttentionFunction(torch.autograd.Function):
         out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
         geometry = (H, L, chunk, L // chunk, before, after, scale, MASK_VALUES[q.dtype], dropout_p, seed)
-        meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-                    HAS_DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), EVEN_D=D == _block_d(D))
+        meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+                    HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype), EVEN_D=D == block_d(D))
         kpm = key_padding_mask if key_padding_mask is not None else lse
         _local_fwd[lambda m: ((L // chunk) * triton.cdiv(chunk, m["BLOCK_M"]), B * H)](
-            q, k, v, out, lse, kpm, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *geometry, **meta)
+            q, k, v, out, lse, kpm, *bhn_strides(q), *bhn_strides(k), *bhn_strides(v), *bhn_strides(out), *geometry,
+            **meta)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.geometry, ctx.meta = geometry, meta
         ctx.mark_non_differentiable(lse)
@@ -308,15 +282,11 @@ class LocalAttentionFunction(torch.autograd.Function):
         B, H, L, D = q.shape
         chunk = geometry[2]
         dout = dout.contiguous()
-        delta = torch.empty_like(lse)
-        delta_block = 64 if runtime.on_gpu(q) else 32
-        _attn_bwd_delta_kernel[(triton.cdiv(L, delta_block), B * H)](
-            out, dout, delta, *_strides(out), *_strides(dout), H, L,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block)
+        delta = softmax_delta(out, dout)
         dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
         dk, dv = torch.empty_like(dq), torch.empty_like(dq)
         kpm = key_padding_mask if key_padding_mask is not None else lse
-        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+        strides = (*bhn_strides(q), *bhn_strides(k), *bhn_strides(v), *bhn_strides(dout))
         n_chunks = L // chunk
         _local_bwd_dkdv[lambda m: (n_chunks * triton.cdiv(chunk, m["BLOCK_N"]), B * H)](
             q, k, v, dout, dk, dv, lse, delta, kpm, *strides, *geometry, **meta)
@@ -357,26 +327,11 @@ def local_attention(q, k, v, *, chunk_length, num_chunks_before=1, num_chunks_af
     """Reformer local attention (module docstring). q/k/v [B, H, L, D] → out [B, H, L, D] (and lse
     [B, H, L] float32 with ``return_lse``). ``scale`` multiplies q·k (HF pre-divides k by sqrt(D) and uses
     1); ``causal`` is HF's ``is_decoder``; dropout draws its seed from torch's generator."""
-    _validate(q, k, v, chunk_length, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p, scale)
-    L = q.shape[2]
-    if L == 0:
-        return empty_result(q, v, return_lse)
-    if L <= chunk_length:  # HF's unchunked path: one chunk of length L, no neighbours
-        chunk_length, num_chunks_before, num_chunks_after = L, 0, 0
-    if runtime.use_triton(q, op="local_attention"):
-        if q.shape[-1] > MAX_HEAD_DIM:
-            runtime.unsupported("local_attention", f"head dim {q.shape[-1]} (at most {MAX_HEAD_DIM})")
-        elif L > 0:
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-            kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-            out, lse = LocalAttentionFunction.apply(q, k, v, kpm, chunk_length, num_chunks_before, num_chunks_after,
-                                                    causal, float(scale), float(dropout_p), seed)
-            return (out, lse) if return_lse else out
-    return local_attention_reference(q, k, v, chunk_length=chunk_length, num_chunks_before=num_chunks_before,
-                                     num_chunks_after=num_chunks_after, causal=causal,
-                                     key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
-                                     return_lse=return_lse)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.local_attention(
+        q, k, v, chunk_length=chunk_length, num_chunks_before=num_chunks_before, num_chunks_after=num_chunks_after,
+        causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale, return_lse=return_lse)
 
 
 def empty_result(q: torch.Tensor, v: torch.Tensor, return_lse: bool):

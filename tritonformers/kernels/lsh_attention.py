@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import runtime
-from .attention import MAX_HEAD_DIM, _block_d, _online_softmax_step, _precision
+from .flash import MAX_HEAD_DIM, autotuned, block_d, dot_precision, online_softmax_step, prune_to_chunk
 from .local_attention import MASK_VALUES, check_chunking, look_adjacent
 
 SELF_MASK_VALUES = {torch.float64: -1e5, torch.float32: -1e5, torch.bfloat16: -99840.0, torch.float16: -1e3}
@@ -84,18 +84,19 @@ def _lsh_dropout_keep(seed, bh, slots_q, window_slots, T, WIDTH, dropout_p):
 def _lsh_fwd_kernel(
     QK, V, PERM, KPM, O_R, LSE_R,
     sb, sh, sn, vb, vh, vn,
-    H, L, T, C, NCHUNKS, BEFORE, AFTER, SUB_BLOCKS, inv_sqrt_d, mask_value, self_value, dropout_p, seed,
+    H, L, T, C, NCHUNKS, BEFORE, AFTER, inv_sqrt_d, mask_value, self_value, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (sorted chunk * SUB_BLOCKS + sub-block, b * H + h). O_R [B*H, T, D] and LSE_R [B*H, T] are
+    """Program (sorted chunk * cdiv(C, BLOCK_M) + sub-block, b * H + h). O_R [B*H, T, D] and LSE_R [B*H, T] are
     indexed by the unsorted slot j = round * L + position (what PERM holds for each sorted slot)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    chunk = pid // SUB_BLOCKS
-    in_chunk = (pid % SUB_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sub_blocks = tl.cdiv(C, BLOCK_M)
+    chunk = pid // sub_blocks
+    in_chunk = (pid % sub_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     slots_q = chunk * C + in_chunk
     row_ok = in_chunk < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -117,7 +118,7 @@ def _lsh_fwd_kernel(
                                                sb, sh, sn, vb, vh, vn, offs_d, d_ok, inv_sqrt_d, HEAD_DIM)
             s, _ = _lsh_scores(q, kT, pos_q, pos_k, slot_ok, b, L, KPM, mask_value, self_value,
                                CAUSAL, HAS_KPM, PRECISION)
-            p, alpha, m_new, l_i = _online_softmax_step(s, m_i, l_i, True)
+            p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, True)
             if HAS_DROPOUT:
                 keep = _lsh_dropout_keep(seed, bh, slots_q, o * C + in_key_chunk, T, width, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -193,22 +194,46 @@ def _lsh_combine_bwd_kernel(O_R, LSE_R, DOUT, DO_R, DELTA_R, L, T, NH, sdb, sdh,
 
 
 @triton.jit
+def _lsh_round_sum_kernel(DQ_R, DK_R, DV_R, DQK, DV, L, T, NH, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Every position is a query and a key once per round: dqk = sum_r dq_r + sum_r dk_r and dv = sum_r dv_r
+    (float32 sums, one pass over the rounds' [B*H, T, D] gradients) into qk's and v's [B, H, L, D]."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for r in range(0, NH):
+        offs = (bh * T + r * L + offs_t[:, None]) * HEAD_DIM + offs_d[None, :]
+        dq += tl.load(DQ_R + offs, mask=mask, other=0.0).to(tl.float32)
+        dk += tl.load(DK_R + offs, mask=mask, other=0.0).to(tl.float32)
+        dv += tl.load(DV_R + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (bh * L + offs_t[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DQK + out, (dq + dk).to(DQK.dtype.element_ty), mask=mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _lsh_bwd_dkdv_kernel(
     QK, V, PERM, KPM, DO_R, LSE_R, DELTA_R, DK_R, DV_R,
     sb, sh, sn, vb, vh, vn,
-    H, L, T, C, NCHUNKS, BEFORE, AFTER, SUB_BLOCKS, inv_sqrt_d, mask_value, self_value, dropout_p, seed,
+    H, L, T, C, NCHUNKS, BEFORE, AFTER, inv_sqrt_d, mask_value, self_value, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (sorted key chunk * SUB_BLOCKS + sub-block, b * H + h): dV and d(raw qk as a key) for BLOCK_N
+    """Program (sorted key chunk * cdiv(C, BLOCK_N) + sub-block, b * H + h): dV and d(raw qk as a key) for BLOCK_N
     key slots, from every query chunk whose window holds them; the key normalisation's backward runs in the
     epilogue. DK_R/DV_R [B*H, T, D] are indexed by the unsorted slot."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    key_chunk = pid // SUB_BLOCKS
-    in_key_chunk = (pid % SUB_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sub_blocks = tl.cdiv(C, BLOCK_N)
+    key_chunk = pid // sub_blocks
+    in_key_chunk = (pid % sub_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot_ok = in_key_chunk < C
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -260,7 +285,7 @@ def _lsh_bwd_dkdv_kernel(
 def _lsh_bwd_dq_kernel(
     QK, V, PERM, KPM, DO_R, LSE_R, DELTA_R, DQ_R,
     sb, sh, sn, vb, vh, vn,
-    H, L, T, C, NCHUNKS, BEFORE, AFTER, SUB_BLOCKS, inv_sqrt_d, mask_value, self_value, dropout_p, seed,
+    H, L, T, C, NCHUNKS, BEFORE, AFTER, inv_sqrt_d, mask_value, self_value, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -269,8 +294,9 @@ def _lsh_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    chunk = pid // SUB_BLOCKS
-    in_chunk = (pid % SUB_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sub_blocks = tl.cdiv(C, BLOCK_M)
+    chunk = pid // sub_blocks
+    in_chunk = (pid % sub_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     slots_q = chunk * C + in_chunk
     row_ok = in_chunk < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -357,13 +383,12 @@ def lsh_hash(qk: torch.Tensor, num_hashes: int, num_buckets, attention_mask=None
     rotations = torch.randn((H, D, num_hashes, rotation_size // 2), device=qk.device, dtype=qk.dtype)
     rotated = torch.einsum("bmtd,mdhr->bmhtr", vectors, rotations)
     if isinstance(num_buckets, int) or len(num_buckets) == 1:
-        buckets = torch.argmax(torch.cat([rotated, -rotated], dim=-1), dim=-1)
+        buckets = _argmax_signed(rotated)
     else:
         buckets, start, product = None, 0, 1
         for factor in num_buckets:
-            part = rotated[..., start: start + factor // 2]
+            digit = _argmax_signed(rotated[..., start: start + factor // 2])
             start += factor // 2
-            digit = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
             buckets = digit if buckets is None else buckets + product * digit
             product *= factor
     if attention_mask is not None:
@@ -376,6 +401,15 @@ def lsh_hash(qk: torch.Tensor, num_hashes: int, num_buckets, attention_mask=None
     return buckets + offsets
 
 
+def _argmax_signed(r: torch.Tensor) -> torch.Tensor:
+    """HF's ``argmax(cat([r, -r], -1), -1)`` without the concatenated copy (twice the rotations, the largest
+    tensor of the hashing): the first maximum of r if it is at least -min(r), else R + the first minimum
+    (torch's max/min return the first index of the extreme, so ties resolve as in the concatenation)."""
+    top, top_index = r.max(dim=-1)
+    low, low_index = r.min(dim=-1)
+    return torch.where(top >= -low, top_index, low_index + r.shape[-1])
+
+
 def lsh_sort(buckets: torch.Tensor) -> torch.Tensor:
     """Stable sort of the flattened [B, H, n_hashes * L] buckets by (bucket, index): the permutation, int64."""
     flat = buckets.flatten(2)
@@ -386,11 +420,14 @@ def lsh_sort(buckets: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def _blocks(chunk: int, head_dim: int, gpu: bool) -> tuple[int, int, int, int]:
-    cap = max(16, runtime.next_power_of_2(chunk))
-    if not gpu:
-        return min(32, cap), min(32, cap), 4, 1
-    return min(64, cap), min(64, cap), 4 if head_dim <= 64 else 8, 2
+# (BLOCK_M, BLOCK_N, warps, stages), autotuned per chunk length, head dim and masks (pruned to the chunk, as
+# local attention's); the first was the fixed choice before (head dim 64 took it with 4 warps)
+_TILES = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2),
+          (32, 32, 4, 2)]
+_KEY = ["C", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT"]
+_lsh_fwd = autotuned(_lsh_fwd_kernel, _TILES, _KEY, prune_to_chunk)
+_lsh_bwd_dkdv = autotuned(_lsh_bwd_dkdv_kernel, _TILES, _KEY, prune_to_chunk)
+_lsh_bwd_dq = autotuned(_lsh_bwd_dq_kernel, _TILES, _KEY, prune_to_chunk)
 
 
 class LSHAttentionFunction(torch.autograd.Function):
@@ -400,25 +437,21 @@ class LSHAttentionFunction(torch.autograd.Function):
     def forward(ctx, qk, v, perm, key_padding_mask, num_hashes, chunk, before, after, causal, dropout_p, seed):
         B, H, L, D = qk.shape
         T = num_hashes * L
-        gpu = runtime.on_gpu(qk)
-        BLOCK_M, BLOCK_N, warps, stages = _blocks(chunk, D, gpu)
         o_r = torch.empty((B * H, T, D), dtype=qk.dtype, device=qk.device)
         lse_r = torch.empty((B * H, T), dtype=torch.float32, device=qk.device)
-        sub_m = triton.cdiv(chunk, BLOCK_M)
         geometry = dict(H=H, L=L, T=T, C=chunk, NCHUNKS=T // chunk, BEFORE=before, AFTER=after,
                         inv_sqrt_d=1.0 / math.sqrt(D), mask_value=MASK_VALUES[qk.dtype],
                         self_value=SELF_MASK_VALUES[qk.dtype], dropout_p=dropout_p, seed=seed)
-        meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=bool(causal),
-                    HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-                    PRECISION=_precision(qk.dtype), num_warps=warps, num_stages=stages)
+        meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+                    HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(qk.dtype))
         kpm = key_padding_mask if key_padding_mask is not None else lse_r
         strides = (qk.stride(0), qk.stride(1), qk.stride(2), v.stride(0), v.stride(1), v.stride(2))
-        _lsh_fwd_kernel[((T // chunk) * sub_m, B * H)](
-            qk, v, perm, kpm, o_r, lse_r, *strides, SUB_BLOCKS=sub_m, **geometry, **meta)
+        _lsh_fwd[lambda m: ((T // chunk) * triton.cdiv(chunk, m["BLOCK_M"]), B * H)](
+            qk, v, perm, kpm, o_r, lse_r, *strides, **geometry, **meta)
         out = torch.empty((B, H, L, D), dtype=qk.dtype, device=qk.device)
         BLOCK_T = 32
         _lsh_combine_kernel[(triton.cdiv(L, BLOCK_T), B * H)](
-            o_r, lse_r, out, L, T, num_hashes, HEAD_DIM=D, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D))
+            o_r, lse_r, out, L, T, num_hashes, HEAD_DIM=D, BLOCK_T=BLOCK_T, BLOCK_D=block_d(D))
         ctx.save_for_backward(qk, v, perm, key_padding_mask, o_r, lse_r)
         ctx.geometry, ctx.meta, ctx.num_hashes = geometry, meta, num_hashes
         return out
@@ -439,17 +472,15 @@ class LSHAttentionFunction(torch.autograd.Function):
         dq_r, dk_r, dv_r = (torch.empty_like(o_r) for _ in range(3))
         kpm = key_padding_mask if key_padding_mask is not None else lse_r
         strides = (qk.stride(0), qk.stride(1), qk.stride(2), v.stride(0), v.stride(1), v.stride(2))
-        sub_n = triton.cdiv(chunk, meta["BLOCK_N"])
-        sub_m = triton.cdiv(chunk, meta["BLOCK_M"])
-        _lsh_bwd_dkdv_kernel[((T // chunk) * sub_n, B * H)](
-            qk, v, perm, kpm, do_r, lse_r, delta_r, dk_r, dv_r, *strides, SUB_BLOCKS=sub_n, **geometry, **meta)
-        _lsh_bwd_dq_kernel[((T // chunk) * sub_m, B * H)](
-            qk, v, perm, kpm, do_r, lse_r, delta_r, dq_r, *strides, SUB_BLOCKS=sub_m, **geometry, **meta)
-        # every position appears once per round, as a query and as a key: sum its rounds
-        rounds = (B, H, nh, L, D)
-        dqk = (dq_r.view(rounds).sum(2, dtype=torch.float32) + dk_r.view(rounds).sum(2, dtype=torch.float32))
-        dv = dv_r.view(rounds).sum(2, dtype=torch.float32)
-        return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
+        _lsh_bwd_dkdv[lambda m: ((T // chunk) * triton.cdiv(chunk, m["BLOCK_N"]), B * H)](
+            qk, v, perm, kpm, do_r, lse_r, delta_r, dk_r, dv_r, *strides, **geometry, **meta)
+        _lsh_bwd_dq[lambda m: ((T // chunk) * triton.cdiv(chunk, m["BLOCK_M"]), B * H)](
+            qk, v, perm, kpm, do_r, lse_r, delta_r, dq_r, *strides, **geometry, **meta)
+        dqk = torch.empty((B, H, L, D), dtype=qk.dtype, device=qk.device)
+        dv = torch.empty((B, H, L, D), dtype=v.dtype, device=v.device)
+        _lsh_round_sum_kernel[(triton.cdiv(L, BLOCK_T), B * H)](
+            dq_r, dk_r, dv_r, dqk, dv, L, T, nh, HEAD_DIM=D, BLOCK_T=BLOCK_T, BLOCK_D=meta["BLOCK_D"])
+        return dqk, dv, None, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------ public ops
@@ -482,31 +513,13 @@ def lsh_attention(qk, v, *, chunk_length, num_hashes=1, num_buckets=None, num_ch
     reuses earlier hashing (the reversible backward, the cache) instead of drawing new rotations.
     Gradients flow to qk (as query and as key) and v.
     """
-    _validate(qk, v, chunk_length, num_hashes, num_chunks_before, num_chunks_after, key_padding_mask, dropout_p,
-              buckets)
-    B, H, L, D = qk.shape
-    if L == 0:
-        return empty_result(qk, v, num_hashes, return_buckets)
-    chunk_length, num_chunks_before, num_chunks_after, num_hashes, buckets, perm = lsh_plan(
-        qk, chunk_length, num_hashes, num_buckets, num_chunks_before, num_chunks_after, key_padding_mask, hash_seed,
-        buckets)
-    options = dict(chunk_length=chunk_length, num_hashes=num_hashes, num_chunks_before=num_chunks_before,
-                   num_chunks_after=num_chunks_after, causal=causal, key_padding_mask=key_padding_mask,
-                   dropout_p=dropout_p)
-    out = None
-    if runtime.use_triton(qk, op="lsh_attention"):
-        if D > MAX_HEAD_DIM:
-            runtime.unsupported("lsh_attention", f"head dim {D} (at most {MAX_HEAD_DIM})")
-        elif L > 0:
-            qk_, v_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, v))
-            kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-            out = LSHAttentionFunction.apply(qk_, v_, perm.reshape(B * H, -1).to(torch.int32).contiguous(), kpm,
-                                             num_hashes, chunk_length, num_chunks_before, num_chunks_after, causal,
-                                             float(dropout_p), seed)
-    if out is None:
-        out = lsh_attention_reference(qk, v, perm, **options)
-    return (out, buckets) if return_buckets else out
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.lsh_attention(
+        qk, v, chunk_length=chunk_length, num_hashes=num_hashes, num_buckets=num_buckets,
+        num_chunks_before=num_chunks_before, num_chunks_after=num_chunks_after, causal=causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, hash_seed=hash_seed, buckets=buckets,
+        return_buckets=return_buckets)
 
 
 def lsh_attention_reference(qk, v, perm, *, chunk_length, num_hashes, num_chunks_before=1, num_chunks_after=0,

@@ -32,6 +32,7 @@ MAX_WIDTH = 32768
 
 _TILE_ELEMENTS = 4096  # narrow rows are packed into tiles of about this many elements, enough work per program
 _MAX_ROWS_PER_TILE = 16
+_STAGES = (1, 2)  # backward: 2 = the next row tile's loads issued while this one reduces (software pipelining)
 _PROGRAMS_PER_SM = (2, 4, 8)  # backward: programs per SM striding over the row tiles, autotuned (the H200 run
 # of 2026-12-04 measured LayerNorm faster with 8 than with 2, RMSNorm slower)
 _SUM_BLOCK_P, _SUM_BLOCK_N = 32, 64  # partial-sum reduction on the GPU: many programs of narrow columns
@@ -61,9 +62,9 @@ def _autotune(fn):
 
 def _autotune_backward(fn):
     """As :func:`_autotune`, also choosing the programs per SM (``PER_SM``: the grid size, see
-    :func:`_backward_grid`)."""
-    configs = runtime.autotune_configs([triton.Config({"PER_SM": p}, num_warps=c.num_warps)
-                                        for c in _warp_configs() for p in _PROGRAMS_PER_SM])
+    :func:`_backward_grid`) and the software-pipelining depth of their row loop (``STAGES``)."""
+    configs = runtime.autotune_configs([triton.Config({"PER_SM": p, "STAGES": st}, num_warps=c.num_warps)
+                                        for c in _warp_configs() for p in _PROGRAMS_PER_SM for st in _STAGES])
     return triton.autotune(configs=configs, key=["N", "BLOCK_M"],
                            prune_configs_by={"early_config_prune": _prune_warps})(fn)
 
@@ -141,7 +142,8 @@ def _layer_norm_fwd_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, N, eps,
 def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DS, DX, DR, DW_PART, DB_PART, M, N,
                            HAS_W: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX: tl.constexpr,
                            HAS_DR: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr,
+                           STAGES: tl.constexpr):
     """LayerNorm backward over the row tiles pid, pid + P, ... of the [M, N] input X (P programs).
 
     With xhat = (x - mean) * rstd and g = dy * w:
@@ -156,7 +158,7 @@ def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DS, DX, DR, DW_PART, DB_PART, M
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    for tile in tl.range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -216,7 +218,8 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, M, N, eps,
 @triton.jit
 def _rms_norm_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, M, N,
                          HAS_W: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_SM: tl.constexpr,
+                         STAGES: tl.constexpr):
     """RMSNorm backward over the row tiles pid, pid + P, ... of the [M, N] input X (P programs).
 
     With nhat = x * rstd and g = dy * w (dy without a weight): dx = rstd * (g - nhat * mean(g * nhat)),
@@ -229,7 +232,7 @@ def _rms_norm_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, M, N,
     if HAS_W:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    for tile in tl.range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -520,15 +523,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     dtype, as ``torch.nn.functional.layer_norm``. Returns y, or ``(y, s)`` when a residual is given;
     gradients flow to x, residual, weight and bias (and from both outputs).
     """
-    _check_input(x)
-    _check_param(weight, "weight", x)
-    _check_param(bias, "bias", x)
-    x, residual = check_residual(x, residual)
-    eps = _check_eps(eps)
-    tensors = [t for t in (x, weight, bias, residual) if t is not None]
-    if runtime.use_triton(*tensors, op="layer_norm") and _kernel_fits(x, "layer_norm"):
-        return LayerNormFunction.apply(x, weight, bias, residual, eps)
-    return layer_norm_reference(x, weight, bias, eps, residual)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.layer_norm(x, weight, bias, eps, residual)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -548,13 +545,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     in the promoted dtype of (weight, x): a float32 weight with bf16 input gives a float32 output.
     Gradients flow to x and weight.
     """
-    _check_input(x)
-    _check_param(weight, "weight", x)
-    eps = _check_eps(eps)
-    tensors = [t for t in (x, weight) if t is not None]
-    if runtime.use_triton(*tensors, op="rms_norm") and _kernel_fits(x, "rms_norm"):
-        return RMSNormFunction.apply(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.rms_norm(x, weight, eps)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:

@@ -225,14 +225,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     requires grad there is unsupported: an error under the "triton" backend, the reference under "auto").
     Raises TypeError/ValueError naming the bad argument.
     """
-    _check_rotary_args(q, k, cos, sin, layout)
-    cos, sin = tables_like(q, cos, sin)
-    if runtime.use_triton(q, k, cos, sin, op="apply_rotary"):
-        if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-            runtime.unsupported("apply_rotary", "gradients for cos/sin (they are treated as constants)")
-        else:
-            return RotaryFunction.apply(q, k, cos, sin, layout)
-    return apply_rotary_reference(q, k, cos, sin, layout)
+    from ..nn import functional  # the one dispatcher: validation, backend, the custom op
+
+    return functional.apply_rotary(q, k, cos, sin, layout)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

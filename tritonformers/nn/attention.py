@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import MAX_DECODE_QUERIES, alibi_slopes
-from .functional import attention, decode_attention
+from ..kernels.attention import MAX_DECODE_QUERIES, alibi_slopes, split_packed_qkv
+from .functional import attention, decode_attention, packed_attention
 
 __all__ = ["ALiBiAttention", "alibi_attention_eager", "sliced_linear", "num_attention_heads"]
 
@@ -129,17 +129,17 @@ class ALiBiAttention(nn.Module):
             slopes = self._slopes[device] = alibi_slopes(self.num_heads, device)
         return slopes
 
-    def split_heads(self, fused_qkv: torch.Tensor):
-        """[B, T, 3H] -> q, k, v [B, n_head, T, head_dim]: strided views of the interleaved layout, no copy."""
+    def packed(self, fused_qkv: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3H] -> the packed [B, T, n_head, 3, head_dim] view of the interleaved layout (no copy)."""
         B, T, _ = fused_qkv.shape
-        fused = fused_qkv.view(B, T, self.num_heads, 3, self.head_dim)
-        return tuple(fused[..., i, :].transpose(1, 2) for i in range(3))
+        return fused_qkv.view(B, T, self.num_heads, 3, self.head_dim)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, layer_past=None, use_cache: bool = False,
                 output_attentions: bool = False):
         B, T, _ = hidden_states.shape
-        q, k, v = self.split_heads(self.query_key_value(hidden_states))
+        qkv = self.packed(self.query_key_value(hidden_states))
+        q, k, v = split_packed_qkv(qkv)
         slopes = self.alibi_slopes(hidden_states.device)
         past = 0
         if layer_past is not None:
@@ -154,9 +154,9 @@ class ALiBiAttention(nn.Module):
             keys, values = self._keys_values(layer_past, k, v, past + T)
             context, probs = alibi_attention_eager(q, keys, values, slopes, _head(mask, past + T),
                                                    dropout_p, self.training)
-        elif past == 0:
-            context = attention(q, k, v, causal=True, alibi_slopes=slopes, key_padding_mask=_head(mask, T),
-                                dropout_p=dropout_p)
+        elif past == 0:  # one packed gradient for the fused projection in training
+            context = packed_attention(qkv, causal=True, alibi_slopes=slopes, key_padding_mask=_head(mask, T),
+                                       dropout_p=dropout_p)
         elif T <= MAX_DECODE_QUERIES and dropout_p == 0.0 and not (torch.is_grad_enabled() and q.requires_grad):
             kpm = None if mask is None else _pad_to(mask, layer_past.capacity)
             context = decode_attention(q, layer_past.key_cache[self.layer_idx],

@@ -52,7 +52,8 @@ def _dense_last(*tensors):
 
 
 def _mask_int8(mask):
-    return mask.to(torch.int8).contiguous() if mask is not None else None
+    """The padding mask as the kernels read it (int8), converted once per mask and step for all layers."""
+    return None if mask is None else runtime.derived_once(mask, "mask_int8", runtime.int8_mask)
 
 
 def _dropout_seed(dropout_p: float) -> int:
@@ -156,19 +157,57 @@ def attention(q, k, v, *, causal=False, alibi_slopes=None, key_padding_mask=None
     ``(out, lse)`` (:func:`tritonformers.kernels.attention.attention`)."""
     _attn._validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if runtime.use_triton(q, op="attention"):
-        if q.shape[-1] > _attn.MAX_HEAD_DIM:
-            runtime.unsupported("attention", f"head dim {q.shape[-1]} (at most {_attn.MAX_HEAD_DIM})")
-        elif q.shape[2] > 0 and k.shape[2] > 0:
-            q, k, v = _dense_last(q, k, v)
-            positions = _attn.alibi_positions(key_padding_mask, k.shape[2], q.device) if alibi_slopes is not None \
-                else None
-            out, lse = _tf.attention(q, k, v, alibi_slopes, positions, _mask_int8(key_padding_mask), bool(causal),
-                                     scale, float(dropout_p), _dropout_seed(dropout_p))
-            return (out, lse) if return_lse else out
+    if _attention_kernel_serves(q, k.shape[2]):
+        q, k, v = _dense_last(q, k, v)
+        out, lse = _tf.attention(q, k, v, alibi_slopes, *_attention_masks(alibi_slopes, key_padding_mask, k.shape[2]),
+                                 bool(causal), scale, float(dropout_p), _dropout_seed(dropout_p))
+        return (out, lse) if return_lse else out
     return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
                                key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
                                return_lse=return_lse)
+
+
+def packed_attention(qkv, *, causal=False, alibi_slopes=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                     return_lse=False):
+    """:func:`attention` of the q, k, v packed in ``qkv`` [B, N, H, 3, D] (BLOOM's fused projection viewed as
+    ``[B, N, n_head, 3, head_dim]``; a [B, N, 3, H, D] projection passes ``.transpose(2, 3)``): out [B, H, N, D],
+    or ``(out, lse)``. Same math as ``attention(*split_packed_qkv(qkv), ...)``; on the kernel the backward writes
+    one [B, N, H, 3, D] gradient instead of three that autograd would scatter into it."""
+    runtime.check_tensor(qkv, "qkv", ndim=5)
+    if qkv.shape[3] != 3:
+        raise ValueError(f"qkv must have shape [B, N, n_head, 3, head_dim], got {list(qkv.shape)}")
+    q, k, v = _attn.split_packed_qkv(qkv)
+    _attn._validate(q, k, v, alibi_slopes, key_padding_mask, scale, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _attention_kernel_serves(q, k.shape[2]):
+        qkv = _dense_last(qkv)[0]
+        out, lse = _tf.packed_attention(qkv, alibi_slopes, *_attention_masks(alibi_slopes, key_padding_mask,
+                                                                             qkv.shape[1]),
+                                        bool(causal), scale, float(dropout_p), _dropout_seed(dropout_p))
+        return (out, lse) if return_lse else out
+    return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
+                               key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                               return_lse=return_lse)
+
+
+def _attention_kernel_serves(q, num_keys: int) -> bool:
+    """The backend runs the kernel (an unsupported head dim raises under the ``triton`` backend, else falls back),
+    and there is something to attend: empty sequences take the reference's empty result."""
+    if not runtime.use_triton(q, op="attention"):
+        return False
+    if q.shape[-1] > _attn.MAX_HEAD_DIM:
+        runtime.unsupported("attention", f"head dim {q.shape[-1]} (at most {_attn.MAX_HEAD_DIM})")
+        return False
+    return q.shape[2] > 0 and num_keys > 0
+
+
+def _attention_masks(alibi_slopes, key_padding_mask, num_keys: int):
+    """(ALiBi key positions or None, the padding mask as int8 or None) for the attention kernels."""
+    if key_padding_mask is None:
+        return None, None
+    positions = runtime.derived_once(key_padding_mask, "alibi_positions", lambda m: _attn.alibi_positions(
+        m, num_keys, None)) if alibi_slopes is not None else None
+    return positions, _mask_int8(key_padding_mask)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, *, alibi_slopes=None, key_padding_mask=None, scale=None,
@@ -324,7 +363,8 @@ __all__ = [
     "gelu", "gelu_reference", "swiglu", "swiglu_reference",
     "apply_rotary", "apply_rotary_reference",
     "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference",
-    "attention", "attention_reference", "decode_attention", "decode_attention_reference", "alibi_slopes",
+    "attention", "attention_reference", "packed_attention", "decode_attention", "decode_attention_reference",
+    "alibi_slopes",
     "diff_attention", "diff_attention_reference", "diff_lambda", "diff_decode_attention",
     "diff_decode_attention_reference", "local_attention", "local_attention_reference",
     "lsh_attention", "lsh_attention_reference",
