@@ -64,7 +64,7 @@ def test_same_results_after_accelerate(family, backend):
     logits, loss, grads = _run(model, batch)
     assert tritonformers.accelerate(model) is model
     summary = acc.summary(model)
-    assert summary.replaced["norms"] and (summary.replaced["attention"] or family == "ibert"), str(summary)
+    assert summary.replaced["norms"] and summary.replaced["attention"], str(summary)
     got_logits, got_loss, got_grads = _run(model, batch)
     # a query row of pads only: HF averages, the kernels give 0 (no valid output reads it)
     assert_close(got_logits[valid], logits[valid], scale=10)
@@ -103,7 +103,7 @@ def test_every_family_restores(family):
     assert tritonformers.accelerate(model) is model and acc.summary(model) is summary
     attention = summary.replaced["attention"]
     assert all(type(modules[n]) is not types[n] and isinstance(modules[n], types[n]) for n in attention)  # HF's
-    assert attention or family == "ibert"  # isinstance checks (Reformer's reversible layers) still hold
+    assert attention  # isinstance checks (Reformer's reversible layers) still hold
     tritonformers.restore(model)
     assert {n: type(m) for n, m in model.named_modules()} == types
 
@@ -246,3 +246,204 @@ def test_refuses_a_changed_module(monkeypatch):
     with pytest.raises(RuntimeError, match="refusing to patch"):
         tritonformers.accelerate(model)
     assert {n: type(m) for n, m in model.named_modules()} == types
+
+
+# ---------------------------------------------------------------------------------------------------- I-BERT
+
+def _ibert(quant_mode: bool):
+    """A tiny IBertForMaskedLM without dropout; in quant mode calibrated by two train-mode passes (activation
+    ranges, LayerNorm shifts), then in eval mode."""
+    config = transformers.IBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=40, quant_mode=quant_mode,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.IBertForMaskedLM(config)
+    if quant_mode:
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randint(3, 64, (2, 8)))
+    return model.eval()
+
+
+def _qat_step(model, batch, state, encoder_only: bool = False):
+    """From ``state``: a train-mode forward with labels (or, ``encoder_only``, a loss on the encoder's
+    output) and its backward; the loss, the gradients (None where HF gives none) and the state after it
+    (train mode moves the ranges and may grow the LayerNorm shifts)."""
+    model.load_state_dict(state)
+    model.train().zero_grad(set_to_none=True)
+    if encoder_only:
+        hidden = model.ibert(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        loss = (hidden * torch.linspace(-1, 1, hidden.shape[-1])).square().sum()
+    else:
+        loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_ibert_quant_mode_keeps_hf_bits():
+    """quant_mode: the quant modules' twins give HF's emulation bit for bit: a QAT step's loss on the
+    encoder, every gradient (HF's: none for the residuals through a requantization, zeros upstream of them),
+    the ranges and shifts it calibrates, and the encoder's eval output; each switched module is still an
+    instance of HF's class. (The LM head's float LayerNorm kernel rounds apart from torch's: test above.)"""
+    model = _ibert(quant_mode=True)
+    batch, _ = _batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    want = _qat_step(model, batch, state, encoder_only=True)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        hidden = model.eval().ibert(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    types = {n: type(m) for n, m in model.named_modules()}
+    tritonformers.accelerate(model)
+    summary = acc.summary(model)
+    assert len(summary.replaced["quantization"]) == 51 and len(summary.replaced["norms"]) == 6, str(summary)
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n], types[n]) for n in summary.replaced["quantization"] + summary.replaced["norms"])
+    got = _qat_step(model, batch, state, encoder_only=True)
+    assert torch.equal(got[0], want[0])
+    for name, g in want[1].items():
+        assert (g is None) == (got[1][name] is None) and (g is None or torch.equal(got[1][name], g)), name
+    assert all(torch.equal(got[2][k], v) for k, v in want[2].items())
+    model.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(model.eval().ibert(batch["input_ids"], attention_mask=batch["attention_mask"])
+                           .last_hidden_state, hidden)
+
+
+def test_ibert_integer_inference(backend, monkeypatch):
+    """``integer=True``: quant_mode eval under no_grad runs the integer path (int8 GEMMs, integer softmax /
+    GELU / LayerNorm), within the documented quantization noise of HF's emulation (5% here); with gradients
+    on, or in train mode, the model is HF's emulation."""
+    model = _ibert(quant_mode=True)
+    batch, valid = _batch()
+    del batch["labels"]
+    with torch.no_grad():
+        want = model(**batch, output_hidden_states=True)
+    tritonformers.accelerate(model, integer=True)
+    assert len(acc.summary(model).replaced["integer"]) == 11  # model, embeddings, encoder, 4 blocks x 2 layers
+    runs = []
+    run_integer = tritonformers.models.ibert.IBertModel._run_integer
+    monkeypatch.setattr(tritonformers.models.ibert.IBertModel, "_run_integer",
+                        lambda *a: runs.append(1) or run_integer(*a))
+    with torch.no_grad():
+        got = model(**batch, output_hidden_states=True, output_attentions=True)
+        as_tuple = model(**batch, return_dict=False)
+    assert len(runs) == 2
+    for a, b in ((got.logits, want.logits), (got.hidden_states[-1], want.hidden_states[-1])):
+        assert ((a - b)[valid].norm() / b[valid].norm()) < 0.05
+    probs = got.attentions[0]  # p / 256 with p in [0, 256]: rows sum to ~1 over the real keys
+    assert probs.shape == (2, 2, 8, 8) and torch.equal(probs * 256, (probs * 256).round())
+    assert (probs[0, :, :, :2] == 0).all() and ((probs.sum(-1) - 1).abs() < 0.05).all()
+    assert torch.equal(as_tuple[0], got.logits)
+    assert_close(model(**batch).logits, want.logits)  # gradients on: HF's emulation (its LM head on our kernels)
+    assert len(runs) == 2
+
+
+@pytest.mark.parametrize("quant_mode", [False, True])
+def test_ibert_fused_loss(quant_mode, backend):
+    """``loss=True`` on IBertForMaskedLM: a training step's loss and gradients are HF's (float path, or the
+    quant_mode emulation), without logits; under no_grad the head is HF's, logits included."""
+    model = _ibert(quant_mode)
+    batch, _ = _batch()
+    batch["labels"][1, 5] = -100
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, grads, _ = _qat_step(model, batch, state)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    tritonformers.accelerate(model, attention=False, norms=False, activations=False, quantization=False, loss=True)
+    assert acc.summary(model).replaced["loss"] == ["IBertForMaskedLM"]
+    model.load_state_dict(state)
+    model.train().zero_grad(set_to_none=True)
+    out = model(**batch)
+    assert out.logits is None
+    out.loss.backward()
+    assert_close(out.loss.detach(), loss, scale=10)
+    for name, p in model.named_parameters():
+        if grads[name] is not None:
+            assert_close(p.grad, grads[name], scale=10, msg=name)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        evaluated = model.eval()(**batch)
+    assert_close(evaluated.logits, logits)
+
+
+def test_ibert_attention_falls_back_explicitly():
+    """Float I-BERT attention: ``output_attentions`` runs HF's forward (the probabilities); a mask that is not
+    key padding runs it too, with an HFFallbackWarning."""
+    model = _ibert(quant_mode=False)
+    attn = model.ibert.encoder.layer[0].attention.self
+    hidden = torch.randn(2, 6, 32)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, 0, 2, 4] = torch.finfo(torch.float32).min  # one query row only: not key padding
+    want = attn(hidden, None, mask)[0][0]
+    tritonformers.accelerate(model)
+    with pytest.warns(acc.HFFallbackWarning, match="not key padding"):
+        got = attn(hidden, None, mask)[0][0]
+    assert_close(got, want)
+    out = model(input_ids=torch.randint(3, 64, (1, 6)), output_attentions=True)
+    assert out.attentions[0].shape == (1, 2, 6, 6)
+    keep = torch.tensor([[False, True, True], [True, True, True]])
+    additive = torch.zeros(2, 1, 3, 3).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    assert torch.equal(acc.padding_keep(additive, 2, 3, causal=False), keep)
+
+
+def test_ibert_quant_restore_and_refusals():
+    """A quant_mode model with every kind switched: the same tensors, a no-op second call, restore (HF's
+    classes, no attribute left behind); a quant module whose members differ from the twin's, or integer
+    without its prerequisites, is refused before anything changes."""
+    model = _ibert(quant_mode=True)
+    types = {n: type(m) for n, m in model.named_modules()}
+    members = {n: set(vars(m)) for n, m in model.named_modules()}
+    before = dict(model.state_dict())
+    with pytest.raises(ValueError, match="integer=True"):
+        tritonformers.accelerate(model, quantization=False, integer=True)
+    with pytest.raises(ValueError, match="I-BERT only"):
+        tritonformers.accelerate(MODELS["bloom"](), integer=True)
+    tritonformers.accelerate(model, loss=True, integer=True)
+    summary = acc.summary(model)
+    assert tritonformers.accelerate(model) is model and acc.summary(model) is summary
+    assert "quantization: 51 module(s)" in str(summary) and "integer: 11 module(s)" in str(summary)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(after[k].data_ptr() == before[k].data_ptr() for k in before)
+    tritonformers.restore(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == members
+    model.ibert.embeddings.embeddings_act1.new_range = torch.nn.Buffer(torch.zeros(1))  # a changed QuantAct
+    with pytest.raises(RuntimeError, match="new_range"):
+        tritonformers.accelerate(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types and acc.summary(model) is None
+
+
+def test_ibert_float_training_calibrates_as_hf():
+    """Float I-BERT in train mode: every QuantAct still sees its activation through the accelerated
+    attention and norms, so the ranges a step calibrates are HF's (float rounding apart)."""
+    model = _ibert(quant_mode=False)
+    batch, _ = _batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _, _, want = _qat_step(model, batch, state)
+    tritonformers.accelerate(model, loss=True)
+    _, _, got = _qat_step(model, batch, state)
+    ranges = [k for k in want if k.endswith(("x_min", "x_max"))]
+    assert len(ranges) == 2 * 32 and any(not torch.equal(want[k], state[k]) for k in ranges)
+    for k in ranges:
+        assert_close(got[k], want[k], scale=10, msg=k)
+
+
+def test_bloom_without_cache_uses_the_packed_gradient(backend, monkeypatch):
+    """use_cache=False (what gradient checkpointing sets): no cache to fill, so the accelerated BLOOM attention
+    hands the fused projection to packed_attention (one packed q/k/v gradient); results as HF's."""
+    model = MODELS["bloom"]()
+    batch, valid = _batch()
+    batch["use_cache"] = False
+    logits, loss, grads = _run(model, batch)
+    tritonformers.accelerate(model)
+    calls = []
+    packed = acc.F.packed_attention
+    monkeypatch.setattr(acc.F, "packed_attention", lambda *a, **k: calls.append(1) or packed(*a, **k))
+    got_logits, got_loss, got_grads = _run(model, batch)
+    assert len(calls) == 2  # one per layer
+    assert_close(got_logits[valid], logits[valid], scale=10)
+    assert_close(got_loss, loss, scale=10)
+    for name, g in grads.items():
+        assert_close(got_grads[name], g, scale=10, msg=name)

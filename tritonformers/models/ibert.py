@@ -55,7 +55,8 @@ from ..nn.functional import attention, fused_linear_cross_entropy, gelu, layer_n
 from ..nn.quantization import (FORCE_DEQUANT_OPTIONS, IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantEmbedding,
                                QuantLinear, QuantTensor, quant_attention)
 from .loading import ConfigBase, PreTrainedMixin
-from .outputs import ModelOutput, QuestionAnsweringModelOutput, TokenClassifierOutput
+from .outputs import (MaskedLMOutput, ModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
+                      TokenClassifierOutput)
 from .outputs import classification_loss as _classification_loss
 
 __all__ = [
@@ -98,22 +99,6 @@ class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
     cache: object = None
     attentions: tuple | None = None
     cross_attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class MaskedLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class SequenceClassifierOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
 
 
 @dataclasses.dataclass(eq=False)

@@ -111,6 +111,22 @@ class SequenceClassifierOutputWithPast(ModelOutput):
 
 
 @dataclasses.dataclass(eq=False)
+class SequenceClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class MaskedLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclasses.dataclass(eq=False)
 class TokenClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor = None

@@ -40,7 +40,7 @@ from ..nn import LayerNorm, LocalSelfAttention, LSHSelfAttention
 from ..nn.functional import fused_linear_cross_entropy
 from .generation import DecodeSession, GenerationConfig, GenerationMixin
 from .loading import ConfigBase, PreTrainedMixin
-from .outputs import ModelOutput, QuestionAnsweringModelOutput
+from .outputs import MaskedLMOutput, ModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput
 from .outputs import causal_lm_targets as _causal_lm_targets, classification_loss as _classification_loss
 from .outputs import keep_logits as _keep_logits, returned as _returned
 
@@ -135,22 +135,6 @@ class ReformerModelWithLMHeadOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_buckets_states: Any = None
-    hidden_states: list | None = None
-    attentions: list | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class MaskedLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: list | None = None
-    attentions: list | None = None
-
-
-@dataclasses.dataclass(eq=False)
-class SequenceClassifierOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor = None
     hidden_states: list | None = None
     attentions: list | None = None
 
