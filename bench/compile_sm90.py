@@ -138,6 +138,8 @@ def _compile_every_config(self, *args, **kwargs):
     accepted, rejected = [], []
     for config in configs:
         try:
+            if config.pre_hook is not None:  # e.g. TMA descriptors take the config's block shapes
+                config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
             self.fn.run(*args, **kwargs, **config.all_kwargs())
             accepted.append(config)
         except SKIPPED_BY_AUTOTUNER as e:
@@ -199,6 +201,7 @@ def _plan():
         plan.append((f"fused linear cross-entropy {n}", lambda dt=dt: fwd_bwd(TF.fused_linear_cross_entropy(
             rnd(256, 256, dtype=dt), rnd(4096, 256, dtype=dt), torch.randint(0, 4096, (256,), generator=g)))))
     plan.append(("int8 GEMM and integer ops", lambda: _integer(TF, rnd, g)))
+    plan.append(("int8 GEMM, TMA persistent", lambda: _integer_tma(TF, rnd, g)))
     plan.append(("I-BERT integer model", _ibert_model))
     return plan
 
@@ -213,6 +216,7 @@ def _attention(TF, rnd, fwd_bwd, dt, D):
     fwd_bwd(TF.attention(q, k, v, causal=True, alibi_slopes=slopes, key_padding_mask=mask))
     fwd_bwd(TF.attention(q, k, v, causal=True, dropout_p=0.1, return_lse=True))
     fwd_bwd(TF.attention(q[:, :, :100], k, v, causal=True, alibi_slopes=TF.alibi_slopes(H)))
+    fwd_bwd(TF.packed_attention(rnd(B, N, H, 3, D, dtype=dt), causal=True, alibi_slopes=slopes, key_padding_mask=mask))
     caches = [rnd(B, H, 512, D, dtype=dt, grad=False) for _ in range(2)]
     lens = torch.tensor([300, 512])
     with torch.no_grad():
@@ -247,7 +251,7 @@ def _reformer(TF, rnd, fwd_bwd, dt, D):
     fwd_bwd(TF.lsh_attention(q, v, chunk_length=64, num_hashes=1, num_buckets=[2, 4], hash_seed=0))
 
 
-def _integer(TF, rnd, g):
+def _integer(TF, rnd, g, gemm_only=False):
     def i8(*shape):
         return torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
 
@@ -267,6 +271,8 @@ def _integer(TF, rnd, g):
         TF.int_linear(x, w, bias, gelu=gelu)
         TF.int_linear(x, w, bias, prescale=prescale, requant=requant, residual=i8(m, 1024),
                       residual_requant=res_requant)
+    if gemm_only:
+        return
     consts = TF.softmax_constants(torch.tensor([0.001]), torch.tensor([1 / 2 ** 15]))
     for D in (64, 128):
         q, k, v = (i8(2, 4, 128, D) for _ in range(3))
@@ -285,6 +291,17 @@ def _integer(TF, rnd, g):
     gamma, beta = rnd(768, grad=False), rnd(768, grad=False)
     bias_int, _ = TF.layer_norm_constants(gamma, beta)
     TF.int_layer_norm(x32, 0, bias_int, TF.requant_params(torch.tensor([0.001]), torch.tensor([0.02])))
+
+
+def _integer_tma(TF, rnd, g):
+    """The Hopper int8 GEMM (TMA descriptors, persistent), which the launcher picks on a GPU by timing."""
+    from tritonformers.kernels import int_gemm
+
+    int_gemm._force_linear_kernel = "tma"
+    try:
+        _integer(TF, rnd, g, gemm_only=True)
+    finally:
+        int_gemm._force_linear_kernel = None
 
 
 def _ibert_model():

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # GPU check for the device machine (torch 2.11, triton 3.6, transformers 5.17 preinstalled, no internet).
 #
-#   bench/gpu_check.sh [quick | tests | kernels PATTERN... | bench | scaling | all]   (default: all)
+#   bench/gpu_check.sh [quick | owed | tests | kernels PATTERN... | bench | scaling | all]   (default: all)
 #
 #   quick    one device call (< 8 min): the CUDA smoke test (tests/test_cuda_smoke.py: every kernel once in
 #            bf16 and fp16, every model once; < 3 min) and the headline benchmark cases with their peers
 #            (QUICK_CASES), --quick timing                     -> $OUT/smoke.log, quick.log + results
+#   owed     one device call: the Inductor compile tests (tests/test_compile.py -m slow, incl. CUDA-graph
+#            generation of a compiled model) and the cases whose GPU figures issues still owe (OWED_CASES:
+#            Reformer and FSMT models, training loops, accelerate and compile), --quick timing
+#                                                              -> $OUT/compile_tests.log, owed.log + results
 #   tests    the whole test suite on CUDA, slow tests included (-x), junit xml   -> $OUT/tests.log, tests.xml
 #   kernels  `tritonformers bench --filter PATTERN...` (one family, say norm_bandwidth or attention)
 #                                                                               -> $OUT/kernels.log + results
@@ -24,6 +28,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# the autotuner logs each kernel's chosen config and its tuning time: what to prune, what to keep
+export TRITON_PRINT_AUTOTUNING="${TRITON_PRINT_AUTOTUNING:-1}"
 OUT="${OUT:-/tmp/out}"
 PY="${PYTHON:-python3}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-540}"
@@ -31,6 +37,7 @@ BENCH_TIMEOUT="${BENCH_TIMEOUT:-540}"
 SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-200}"
 QUICK_CASES="${QUICK_CASES:-alibi_causal alibi_decode local_attention_64k lsh_attention_64k_2h diff_attention_4k \
 norm_bandwidth fused_linear_ce int8_gemm_8192 ibert_base_b8_n128 bloom560m_greedy_b8}"
+OWED_CASES="${OWED_CASES:-^reformer_ ^fsmt_ ^train_loop ^accelerate_ ^compile_}"
 mkdir -p "$OUT"
 
 part="${1:-all}"
@@ -64,7 +71,9 @@ run_bench() {  # run_bench LOGNAME [bench args...]
 
 run_smoke() {
     echo "== CUDA smoke tests (timeout ${SMOKE_TIMEOUT}s)"
-    timeout -s INT -k 30 "$SMOKE_TIMEOUT" "$PY" -m pytest tests/test_cuda_smoke.py -q -ra --durations=8 \
+    # correctness only: each autotuned kernel runs its first config (compile_sm90.py lowers them all on a CPU)
+    TRITONFORMERS_AUTOTUNE=first timeout -s INT -k 30 "$SMOKE_TIMEOUT" "$PY" -m pytest tests/test_cuda_smoke.py -q \
+        -ra --durations=8 \
         2>&1 | tee "$OUT/smoke.log"
 }
 
@@ -75,6 +84,12 @@ case "$part" in
         run_smoke || status=$?
         # shellcheck disable=SC2086
         run_bench quick --quick --filter $QUICK_CASES || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
+    owed)
+        echo "== compile tests, Inductor (timeout ${SMOKE_TIMEOUT}s)"
+        timeout -s INT -k 30 "$SMOKE_TIMEOUT" "$PY" -m pytest tests/test_compile.py -q -ra -m slow --durations=8 \
+            2>&1 | tee "$OUT/compile_tests.log" || status=$?
+        # shellcheck disable=SC2086
+        run_bench owed --quick --filter $OWED_CASES || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
     tests)
         run_tests || status=$? ;;
     kernels)
@@ -93,7 +108,7 @@ case "$part" in
         run_tests || status=$?
         run_bench bench || { s=$?; [ "$status" -eq 0 ] && status=$s; } ;;
     *)
-        echo "usage: $0 [quick | tests | kernels PATTERN... | bench | scaling | all]" >&2
+        echo "usage: $0 [quick | owed | tests | kernels PATTERN... | bench | scaling | all]" >&2
         exit 2 ;;
 esac
 echo "== done: exit status $status; files in $OUT:"

@@ -145,7 +145,7 @@ def test_local_and_lsh_attention(dtype):
            qkv[:2], dtype)
 
 
-def test_integer_kernels_are_exact():
+def test_integer_kernels_are_exact(monkeypatch):
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randint(-128, 128, (300, 768), dtype=torch.int8, device=DEV, generator=g)
     w = torch.randint(-128, 128, (1024, 768), dtype=torch.int8, device=DEV, generator=g)
@@ -165,6 +165,16 @@ def test_integer_kernels_are_exact():
         with runtime.use_backend("torch"):
             want = call()
         assert got.dtype == want.dtype and torch.equal(got, want)
+    if DEV == "cuda" and torch.cuda.get_device_capability()[0] >= 9:  # both GEMM kernels, whichever the timing picks
+        from tritonformers.kernels import int_gemm
+        for kernel in int_gemm.LINEAR_KERNELS:
+            monkeypatch.setattr(int_gemm, "_force_linear_kernel", kernel)
+            for call in calls[:2]:
+                with runtime.use_backend("triton"):
+                    got = call()
+                with runtime.use_backend("torch"):
+                    want = call()
+                assert torch.equal(got, want), kernel
 
 
 def _tiny_models():

@@ -44,10 +44,27 @@ def _gemm_ours(i):
     return int_linear(i["a"], i["w"])
 
 
+def _gemm_pinned(kernel: str):
+    """int_linear with one of its two GEMM kernels pinned (the launcher otherwise times both once and keeps
+    the faster): the rows show what each gives."""
+    def run(i):
+        from tritonformers.kernels import int_gemm
+        previous, int_gemm._force_linear_kernel = int_gemm._force_linear_kernel, kernel
+        try:
+            return int_gemm.int_linear(i["a"], i["w"])
+        finally:
+            int_gemm._force_linear_kernel = previous
+    return run
+
+
 register(
     Case("int8_gemm_8192", setup=_gemm_setup, dtype=torch.int8, bound="compute", int_ops=True, backward=False,
          flops=_gemm_ops, gpu_shape={"M": 8192, "N": 8192, "K": 8192}, cpu_shape={"M": 64, "N": 64, "K": 128},
-         impls=[Impl(OURS, _gemm_ours, description="int_linear(a, w): int8 wgmma, int32 out"),
+         impls=[Impl(OURS, _gemm_ours, description="int_linear(a, w): int8 wgmma, int32 out (the faster kernel)"),
+                Impl("ours_tiled", _gemm_pinned("tiled"), cuda_only=True,
+                     description="int_linear's tiled kernel (pointer loads, one program per tile)"),
+                Impl("ours_tma_persistent", _gemm_pinned("tma"), cuda_only=True,
+                     description="int_linear's Hopper kernel (TMA loads, persistent tile loop)"),
                 Impl("torch_int_mm", lambda i: torch._int_mm(i["a"], i["w"].t()),
                      description="torch._int_mm(a, w.t()) (cuBLASLt int8, int32 out)"),
                 Impl("bf16_matmul", lambda i: i["a_bf16"] @ i["w_bf16"].t(), comparable=False,
