@@ -80,6 +80,47 @@ def test_greedy_matches_hf(models, seed, variant):
     assert torch.equal(got, want), f"\n{got}\n{want}"
 
 
+@pytest.mark.parametrize("lag", [1, 3, 50])
+@pytest.mark.parametrize("variant", ["one_row", "eos_list", "pad_is_eos"])
+def test_greedy_reading_its_stop_late_gives_the_same_output_and_cache(models, monkeypatch, lag, variant):
+    """On CUDA greedy search reads its "any row unfinished" flag a few steps late (no sync per step) and rewinds
+    the steps it ran past the stop: forced here on the CPU, sequences, scores and the returned cache are those
+    of reading it at once (and transformers' sequences); lag 50 outlives the loop (read at max_length)."""
+    from tritonformers.models import generation
+    hf, ours, _ = models
+    ids, mask = batch(2, rows=1 if variant == "one_row" else 3)
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
+    eos = [int(free[row, 1 + row % 3]) for row in range(ids.shape[0])]  # every row stops by its step 3
+    kwargs = dict(attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True, output_scores=True,
+                  eos_token_id=eos, pad_token_id=None if variant == "pad_is_eos" else PAD)
+    at_once = ours_generate(ours, ids, **kwargs)
+    monkeypatch.setattr(generation, "_stop_check_lag", lambda session, cfg: lag)
+    rewound = []
+    rewind = generation.CachedDecoderSession.rewind
+    monkeypatch.setattr(generation.CachedDecoderSession, "rewind", lambda self, n: (rewound.append(n), rewind(self, n)))
+    late = ours_generate(ours, ids, **kwargs)
+    assert rewound and rewound[0] == min(lag, 9 - (late.sequences.shape[1] - ids.shape[1])), rewound
+    want = hf.generate(ids, do_sample=False, **{k: v for k, v in kwargs.items() if k != "return_dict_in_generate"
+                                                and k != "output_scores"})
+    assert torch.equal(late.sequences, want) and torch.equal(at_once.sequences, want)
+    assert want.shape[1] < ids.shape[1] + 9, "eos must stop every row before max_new_tokens"
+    assert len(late.scores) == len(at_once.scores) and all(torch.equal(a, b) for a, b in zip(late.scores, at_once.scores))
+    assert late.cache.length == at_once.cache.length == want.shape[1] - 1
+    assert torch.equal(late.cache.lens, at_once.cache.lens)
+    for layer in range(len(late.cache)):
+        assert all(torch.equal(a, b) for a, b in zip(late.cache[layer], at_once.cache[layer]))
+
+
+def test_kv_cache_rewind():
+    cache = KVCache(1, 2, 1, 4, 8)
+    cache.prepare(5)
+    cache.commit(5)
+    cache.rewind(2)
+    assert cache.length == 3 and cache.lens.tolist() == [3, 3] and cache[0][0].shape[2] == 3
+    with pytest.raises(ValueError, match="cannot rewind 4"):
+        cache.rewind(4)
+
+
 BEAMS = [
     dict(num_beams=2),
     dict(num_beams=3, num_return_sequences=2, early_stopping=True, length_penalty=0.5),

@@ -170,6 +170,13 @@ class KVCache:
         self.length += n
         self._pending = 0
 
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` committed positions (their slots are rewritten by later steps)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot rewind {n} of the cache's {self.length} positions")
+        self.length -= n
+        self.lens.fill_(self.length)
+
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Row i takes old row ``index[i]``, in place (the buffers keep their addresses)."""
         index = index.to(self.lens.device)
@@ -304,6 +311,13 @@ class DecodeSession:
     def reorder(self, index: torch.Tensor) -> None:
         raise NotImplementedError
 
+    #: whether :meth:`rewind` can undo steps (lets greedy search read its stop flag a few steps late)
+    can_rewind = False
+
+    def rewind(self, n: int) -> None:
+        """Undo the last ``n`` ``step`` calls (greedy search ran them past the stop it had not read yet)."""
+        raise NotImplementedError
+
 
 class CachedDecoderSession(DecodeSession):
     """The session of a decoder-only model with a :class:`KVCache` (protocol in the module docstring).
@@ -380,6 +394,13 @@ class CachedDecoderSession(DecodeSession):
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder_cache(index)
         self.mask.copy_(self.mask.index_select(0, index.to(self.mask.device)))
+
+    can_rewind = True
+
+    def rewind(self, n: int) -> None:
+        if n:
+            self.cache.rewind(n)
+            self.mask[:, self.cache.length:self.cache.length + n] = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -672,13 +693,41 @@ def _stopped(seqs: torch.Tensor, eos: torch.Tensor | None, max_length: int) -> t
     return done
 
 
+#: steps the greedy loop may run past a stop before it reads the flag (see :func:`_stop_check_lag`)
+STOP_CHECK_LAG = 2
+
+
+def _stop_check_lag(session: DecodeSession, cfg: dict) -> int:
+    """How many steps greedy search reads its "any row unfinished" flag late. Reading it at once
+    synchronises every step: on CUDA the GPU then idles while the host prepares the next step. Read
+    ``STOP_CHECK_LAG`` steps late, the host waits only for an older step and the GPU keeps the newer ones
+    queued; the steps run past the stop are cut from the output and rewound from the cache. Greedy only
+    (extra sampling steps would draw extra random numbers) and on CUDA only (on the CPU reading is free)."""
+    if cfg["do_sample"] or not session.can_rewind or not session.prompt.is_cuda:
+        return 0
+    return STOP_CHECK_LAG
+
+
+def _read_stop(flags: list, keep: int) -> int | None:
+    """Read the oldest (length, any-unfinished) flags until ``keep`` remain unread; the sequence length at
+    which every row had finished, or None."""
+    while len(flags) > keep:
+        length, alive = flags.pop(0)
+        if not bool(alive):
+            flags.clear()
+            return length
+    return None
+
+
 def _sample(session: DecodeSession, cfg: dict, eos, pad, generator) -> GenerateOutput:
-    """Greedy search (argmax, first index on ties) or multinomial sampling; finished rows get pad."""
+    """Greedy search (argmax, first index on ties) or multinomial sampling; finished rows get pad. Rows stop
+    at an eos id (transformers' stopping criteria) or all at ``max_length``."""
     seqs = session.prompt
     P = seqs.shape[1]
     pads = _prompt_pads(session) if cfg["repetition_penalty"] != 1.0 else None
     unfinished = torch.ones(seqs.shape[0], dtype=torch.bool, device=seqs.device)
     all_scores = [] if cfg["output_scores"] else None
+    lag, flags = _stop_check_lag(session, cfg), []
     logits = session.prefill(cfg["max_length"])
     while True:
         scores = process_scores(cfg, seqs, logits.float(), prompt_len=P, eos=eos, prompt_pads=pads,
@@ -690,10 +739,19 @@ def _sample(session: DecodeSession, cfg: dict, eos, pad, generator) -> GenerateO
         else:
             tokens = torch.argmax(scores, dim=-1)
         if eos is not None:
-            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+            tokens = torch.where(unfinished, tokens, pad)
+            unfinished = unfinished & ~torch.isin(tokens, eos)
         seqs = torch.cat([seqs, tokens[:, None]], dim=-1)
-        unfinished = unfinished & ~_stopped(seqs, eos, cfg["max_length"])
-        if not bool(unfinished.any()):
+        at_max = seqs.shape[1] >= cfg["max_length"]
+        if eos is not None:
+            flags.append((seqs.shape[1], unfinished.any()))
+            stop = _read_stop(flags, 0 if at_max else lag)
+            if stop is not None:
+                session.rewind(seqs.shape[1] - stop)  # the steps fed tokens at lengths stop .. now - 1
+                seqs = seqs[:, :stop]
+                all_scores = all_scores[:stop - P] if all_scores is not None else None
+                break
+        if at_max:
             break
         logits = session.step(tokens)
     return GenerateOutput(sequences=seqs, scores=tuple(all_scores) if all_scores is not None else None)
