@@ -366,6 +366,39 @@ def test_integer_constants_computed_once(tmp_path_factory, monkeypatch):
         assert not torch.equal(recalibrated, first) and torch.equal(recalibrated, run(_fresh(ours)))
 
 
+@pytest.mark.parametrize("stale", [False, True])
+def test_query_key_value_run_as_one_int8_gemm(tmp_path_factory, monkeypatch, stale):
+    """I-BERT's query/key/value: one int8 GEMM over the concatenated channels gives each part's values and
+    scale exactly as its own QuantLinear + QuantAct (with and without HF's stale input scale), on both
+    backends; a layer launches one GEMM for the three; a dequantized QuantAct falls back to one GEMM each."""
+    _, path = _checkpoint(tmp_path_factory, "IBertModel", quant_mode=True)
+    ours = ib.IBertModel.from_pretrained(path)
+    attn = ours.encoder.layer[1].attention.self
+    linears = (attn.query, attn.key, attn.value)
+    acts = (attn.query_activation, attn.key_activation, attn.value_activation)
+    g = torch.Generator().manual_seed(3)
+    x = ib.QuantTensor(torch.randint(-128, 128, (2, 9, ours.config.hidden_size), generator=g, dtype=torch.int8),
+                       torch.tensor([0.031]))
+    assumed = torch.tensor([0.027]) if stale else None
+    for backend in ("torch", "triton"):
+        with torch.no_grad(), runtime.use_backend(backend):
+            fused = quantization.int_linear_group(x, linears, acts, assumed_scale=assumed)
+            for got, lin, act in zip(fused, linears, acts):
+                want = lin.int_forward(x, output_act=act, assumed_scale=assumed)
+                assert got.values.dtype == torch.int8 and torch.equal(got.values, want.values), backend
+                assert torch.equal(got.scale, want.scale)
+    calls, int_linear = [], quantization.int_linear
+    monkeypatch.setattr(quantization, "int_linear", lambda *a, **k: calls.append(a[1].shape) or int_linear(*a, **k))
+    with torch.no_grad():
+        ours(**_inputs())
+    per_layer = len(calls) // ours.config.num_hidden_layers
+    assert per_layer == 4 and calls[0][0] == 3 * ours.config.hidden_size, calls  # qkv, attention out, ffn in/out
+    attn.key_activation.quant_mode = False
+    assert quantization.int_linear_group(x, linears, acts) is None
+    with pytest.raises(ValueError, match="one QuantAct per QuantLinear"):
+        quantization.int_linear_group(x, linears, acts[:2])
+
+
 @pytest.mark.parametrize("option", ["gelu", "softmax", "layernorm", "nonlinear"])
 def test_force_dequant(tmp_path_factory, option):
     hf, path = _checkpoint(tmp_path_factory, "IBertForSequenceClassification", quant_mode=True, force_dequant=option)

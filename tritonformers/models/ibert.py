@@ -53,7 +53,7 @@ from torch import nn
 from ..nn import LayerNorm
 from ..nn.functional import attention, fused_linear_cross_entropy, gelu, layer_norm
 from ..nn.quantization import (FORCE_DEQUANT_OPTIONS, IntGELU, IntLayerNorm, IntSoftmax, QuantAct, QuantEmbedding,
-                               QuantLinear, QuantTensor, quant_attention)
+                               QuantLinear, QuantTensor, int_linear_group, quant_attention)
 from .loading import ConfigBase, PreTrainedMixin
 from .outputs import (MaskedLMOutput, ModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
                       TokenClassifierOutput)
@@ -262,11 +262,12 @@ class IBertSelfAttention(nn.Module):
     def int_forward(self, h: QuantTensor, assumed_scale=None, mask=None, output_attentions=False):
         """Integer path: int8 ``h`` -> (int8 context QuantTensor, probabilities QuantTensor or None).
         ``assumed_scale``: HF's stale input scale (see :class:`IBertEncoder`); mask: bool [B,1,1,N], true = attend."""
-        heads = []
-        for lin, act in ((self.query, self.query_activation), (self.key, self.key_activation),
-                         (self.value, self.value_activation)):
-            t = lin.int_forward(h, output_act=act, assumed_scale=assumed_scale)
-            heads.append(QuantTensor(self._heads(t.values), t.scale))
+        linears, acts = (self.query, self.key, self.value), (self.query_activation, self.key_activation,
+                                                             self.value_activation)
+        qkv = int_linear_group(h, linears, acts, assumed_scale=assumed_scale)  # one GEMM, or None: one each
+        if qkv is None:
+            qkv = [lin.int_forward(h, output_act=act, assumed_scale=assumed_scale) for lin, act in zip(linears, acts)]
+        heads = [QuantTensor(self._heads(t.values), t.scale) for t in qkv]
         out = quant_attention(*heads, self.softmax, self.output_activation, mask=mask,
                               output_attentions=output_attentions)
         return out if output_attentions else (out, None)

@@ -492,6 +492,20 @@ class QuantLinear(nn.Module):
             return acc_scale, quantize(self.bias.detach(), acc_scale, self.bias_bit).to(torch.int32)
         return self._int_cache.get(("bias", self.bias, weight_scale, in_scale, self.bias_bit), compute)
 
+    def _gemm_args(self, x: QuantTensor, assumed_scale: torch.Tensor | None):
+        """What the int8 GEMM of ``x`` takes (all cached): int8 weight [N, K], int32 bias [N] or None, the
+        prescale fixed point (HF's stale scale, else None) and the accumulator scale ``s_w * s_in`` [N]."""
+        if x.scale is None or x.scale.shape != (1,) or x.values.dtype != torch.int8:
+            raise ValueError("QuantLinear's input must be int8, quantized per tensor (scale of shape [1])")
+        table = self.quantized_weight()
+        in_scale = x.scale if assumed_scale is None else assumed_scale
+        acc_scale, bias = self.quantized_bias(table.scale, in_scale)
+        prescale = None
+        if assumed_scale is not None:
+            prescale = self._int_cache.get(("prescale", x.scale, assumed_scale),
+                                           lambda: requant_params(x.scale, assumed_scale))
+        return table.values, bias, prescale, acc_scale
+
     def int_forward(self, x: QuantTensor, *, gelu: IntGELU | None = None, output_act: QuantAct | None = None,
                     identity: QuantTensor | None = None, assumed_scale: torch.Tensor | None = None) -> QuantTensor:
         """Integer linear layer on int8 ``x`` [..., K] with its per-tensor scale.
@@ -510,29 +524,55 @@ class QuantLinear(nn.Module):
             y = QuantTensor(F.linear(x.dequantize(), self.weight, self.bias), None)
             y = gelu.int_forward(y) if gelu is not None else y
             return _act_chain(y, output_act, identity)
-        if x.scale is None or x.scale.shape != (1,) or x.values.dtype != torch.int8:
-            raise ValueError("QuantLinear's input must be int8, quantized per tensor (scale of shape [1])")
-        table = self.quantized_weight()
-        in_scale = x.scale if assumed_scale is None else assumed_scale
-        acc_scale, bias = self.quantized_bias(table.scale, in_scale)
-        prescale = None
-        if assumed_scale is not None:
-            prescale = self._int_cache.get(("prescale", x.scale, assumed_scale),
-                                           lambda: requant_params(x.scale, assumed_scale))
+        weight, bias, prescale, acc_scale = self._gemm_args(x, assumed_scale)
         gelu_c = gelu.constants(acc_scale) if gelu is not None and gelu.quant_mode else None
         if gelu is not None and gelu_c is None:  # GELU dequantized: no fusion past the accumulator
-            acc = QuantTensor(int_linear(x.values, table.values, bias, prescale=prescale), acc_scale)
+            acc = QuantTensor(int_linear(x.values, weight, bias, prescale=prescale), acc_scale)
             return _act_chain(gelu.int_forward(acc), output_act, identity)
         out_scale = gelu_c.scale if gelu_c is not None else acc_scale
         if not fuse_act:
-            y = QuantTensor(int_linear(x.values, table.values, bias, prescale=prescale, gelu=gelu_c), out_scale)
+            y = QuantTensor(int_linear(x.values, weight, bias, prescale=prescale, gelu=gelu_c), out_scale)
             return _act_chain(y, output_act, identity)
         scale = output_act.output_scale()
         res, res_q = _residual_args(identity, output_act)
-        values = int_linear(x.values, table.values, bias, prescale=prescale, gelu=gelu_c,
+        values = int_linear(x.values, weight, bias, prescale=prescale, gelu=gelu_c,
                             requant=output_act.requant_from(out_scale), bits=output_act.activation_bit,
                             residual=res, residual_requant=res_q)
         return QuantTensor(values, scale)
+
+
+def int_linear_group(x: QuantTensor, linears, acts, *, assumed_scale: torch.Tensor | None = None):
+    """QuantLinear -> QuantAct pairs that read the same int8 ``x`` (I-BERT's query, key and value) as one
+    int8 GEMM: weights, biases and the per-channel requantization fixed points concatenated along the output
+    channels (cached while every part is unchanged). Each output column gets exactly the integer arithmetic of
+    its own ``linear.int_forward(x, output_act=act)``; one launch fills the GPU where three narrow ones did not.
+
+    Returns one ``QuantTensor`` per pair (column views of one int8 [..., sum N] tensor), or None when a pair
+    cannot fuse (a module or QuantAct not in quant_mode, or acts of different widths): run them one by one."""
+    if not linears or len(linears) != len(acts):
+        raise ValueError("int_linear_group needs one QuantAct per QuantLinear")
+    _check_quant_tensor(x, "x")
+    if not all(isinstance(lin, QuantLinear) and lin.quant_mode and _fusable_act(act, None)
+               for lin, act in zip(linears, acts)) or len({act.activation_bit for act in acts}) != 1:
+        return None
+    parts = [lin._gemm_args(x, assumed_scale) for lin in linears]
+    requants = [act.requant_from(acc_scale) for act, (_, _, _, acc_scale) in zip(acts, parts)]
+    widths = [weight.shape[0] for weight, *_ in parts]
+    deps = ("group", *(t for weight, bias, _, _ in parts for t in (weight, bias)),
+            *(t for fp in requants for t in fp))
+
+    def concatenate():
+        weight = torch.cat([w for w, *_ in parts])
+        biases = [b if b is not None else torch.zeros(n, dtype=torch.int32, device=weight.device)
+                  for (_, b, _, _), n in zip(parts, widths)]
+        bias = None if all(b is None for _, b, _, _ in parts) else torch.cat(biases)
+        requant = FixedPoint(*(torch.cat([t.expand(n) for t, n in zip(ts, widths)]) for ts in zip(*requants)))
+        return weight, bias, requant
+
+    weight, bias, requant = linears[0]._int_cache.get(deps, concatenate)
+    # the prescale depends on x's scale and the assumed scale only: the same fixed point for every part
+    values = int_linear(x.values, weight, bias, prescale=parts[0][2], requant=requant, bits=acts[0].activation_bit)
+    return [QuantTensor(v, act.output_scale()) for v, act in zip(values.split(widths, dim=-1), acts)]
 
 
 class IntGELU(nn.Module):
@@ -809,5 +849,5 @@ def quant_attention(query: QuantTensor, key: QuantTensor, value: QuantTensor, so
 
 
 __all__ = ["QuantTensor", "FixedPoint", "FORCE_DEQUANT_OPTIONS", "QuantEmbedding", "QuantAct", "QuantLinear",
-           "IntGELU", "IntSoftmax", "IntLayerNorm", "quant_attention", "SymmetricQuantFunction", "FixedPointMul",
+           "int_linear_group", "IntGELU", "IntSoftmax", "IntLayerNorm", "quant_attention", "SymmetricQuantFunction", "FixedPointMul",
            "floor_ste", "round_ste", "batch_frexp", "symmetric_linear_quantization_params", "int_dtype"]
