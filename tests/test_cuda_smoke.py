@@ -205,6 +205,26 @@ def test_decoder_models_triton_path_matches_reference(dtype):
         assert new.shape == (2, 44)
 
 
+
+def test_greedy_stop_read_late_matches_reading_at_once(monkeypatch):
+    """Greedy search on CUDA reads its stop flag STOP_CHECK_LAG steps late and rewinds what it ran past: the
+    ids and the returned cache equal reading it every step (lag 0), CUDA graph on."""
+    from tritonformers.models import generation
+    from tritonformers.models.bloom import BloomConfig, BloomForCausalLM
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=128, n_layer=2, n_head=4)).to(DEV).eval()
+    ids = torch.randint(3, 300, (3, 12), device=DEV)
+    with torch.no_grad():
+        free = model.generate(ids, max_new_tokens=6, eos_token_id=None)[:, 12:]
+        eos = [int(free[row, 1 + row]) for row in range(3)]  # every row stops by its third new token
+        kwargs = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True)
+        late = model.generate(ids, **kwargs)
+        monkeypatch.setattr(generation, "STOP_CHECK_LAG", 0)
+        at_once = model.generate(ids, **kwargs)
+    assert torch.equal(late.sequences, at_once.sequences) and late.sequences.shape[1] <= 15
+    assert late.cache.length == at_once.cache.length == late.sequences.shape[1] - 1
+    assert all(torch.equal(a, b) for a, b in zip(late.cache[1], at_once.cache[1]))
+
 def test_ibert_integer_inference_matches_reference():
     from tritonformers.models.ibert import IBertConfig, IBertForMaskedLM
     torch.manual_seed(0)
