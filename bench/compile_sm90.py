@@ -227,7 +227,7 @@ def _attention(TF, rnd, fwd_bwd, dt, D):
 def _diff_attention(TF, rnd, fwd_bwd, dt, D):
     B, H, HKV, N = 2, 8, 4, 256
     q, k, v = rnd(B, H, N, D, dtype=dt), rnd(B, HKV, N, D, dtype=dt), rnd(B, HKV, N, D, dtype=dt)
-    lam = rnd(H // 2, grad=True) if False else torch.full((1,), 0.3, requires_grad=True)
+    lam = torch.full((1,), 0.3, requires_grad=True)
     mask = torch.ones(B, N, dtype=torch.bool)
     mask[1, :5] = False
     fwd_bwd(TF.diff_attention(q, k, v, lam, 0.2, causal=True, key_padding_mask=mask))

@@ -388,13 +388,24 @@ _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)
 _DKDV_TILES = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
 _DQ_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _MIN_DQ_BLOCK_M = 32  # sizes the dslope partials whatever tile the autotuner picks
+# float32 operands, {max head dim: tiles}: the tiles above spill 100-10,000 bytes per thread there (CUDA-core
+# dots, operands in registers); these lower for sm_90 without spilling (bench/compile_sm90.py, triton 3.6 and 3.9)
+_FWD_TILES_FP32 = {64: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 3), (32, 32, 8, 2)],
+                   128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 2), (32, 16, 8, 2)]}
+_DKDV_TILES_FP32 = {64: [(32, 32, 8, 1), (64, 16, 8, 1), (32, 16, 8, 1), (16, 32, 8, 1)],
+                    128: [(32, 16, 8, 1), (16, 16, 8, 2), (16, 16, 8, 1)]}
+_DQ_TILES_FP32 = {64: [(64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (64, 16, 8, 1)],
+                  128: [(32, 64, 8, 2), (64, 16, 8, 2), (32, 16, 8, 2)]}  # BLOCK_M >= _MIN_DQ_BLOCK_M
 
 
-_attn_fwd = autotuned(_attn_fwd_kernel, _FWD_TILES, _TUNE_KEY)
-_attn_bwd_dkdv = autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES, _TUNE_KEY)
-_attn_bwd_dq = autotuned(_attn_bwd_dq_kernel, _DQ_TILES, _TUNE_KEY)
+_attn_fwd = autotuned(_attn_fwd_kernel, _FWD_TILES, _TUNE_KEY, fp32_tiles=_FWD_TILES_FP32)
+_attn_bwd_dkdv = autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES, _TUNE_KEY, fp32_tiles=_DKDV_TILES_FP32)
+_attn_bwd_dq = autotuned(_attn_bwd_dq_kernel, _DQ_TILES, _TUNE_KEY, fp32_tiles=_DQ_TILES_FP32)
 
-_decode_split = decode_autotuned(_decode_split_kernel, ["NMAX", "BH", "HEAD_DIM", "HAS_ALIBI", "HAS_KPM"])
+# float32 queries: the decode configs without the two that spill at head dim 128 (CUDA-core dots)
+_DECODE_FP32 = [(64, 4, 3, 2), (64, 4, 4, 4), (64, 4, 3, 8), (128, 8, 3, 4), (128, 8, 2, 8), (64, 8, 4, 4)]
+_decode_split = decode_autotuned(_decode_split_kernel, ["NMAX", "BH", "HEAD_DIM", "HAS_ALIBI", "HAS_KPM"],
+                                 fp32_configs={128: _DECODE_FP32})
 
 
 def _flags(alibi_slopes, positions, key_padding_mask, causal, dropout_p) -> dict:

@@ -461,14 +461,21 @@ def _prune_decode(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_N": 32, "SPLIT_FACTOR": 4}, num_warps=8, num_stages=2)]
 
 
+# float32 queries: four accumulators of CUDA-core dots; key tiles of 16-32 keep them out of local memory on sm_90
+_DECODE_FP32 = {64: [(32, 8, 3, 4), (32, 4, 4, 8), (32, 4, 2, 4)], 128: [(32, 8, 3, 4), (32, 8, 2, 8), (16, 8, 3, 4)]}
 _diff_decode_split = decode_autotuned(_diff_decode_split_kernel, ["NMAX", "GROUPS", "HEAD_DIM", "BLOCK_M", "HAS_KPM"],
-                                      prune=_prune_decode)
+                                      prune=_prune_decode, fp32_configs=_DECODE_FP32)
 
 
-def _blocks(head_dim: int, gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): four accumulators per program, so smaller tiles than flash."""
-    if not gpu:
+def _blocks(q: torch.Tensor, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): four accumulators per program, so smaller tiles than flash.
+    float32 operands (CUDA-core dots, operands in registers) take the tiles that spill least on sm_90
+    (bench/compile_sm90.py): none in the forward, a few hundred bytes in the backward above head dim 64."""
+    if not runtime.on_gpu(q):
         return 32, 32, 4, 1
+    head_dim = q.shape[-1]
+    if q.dtype == torch.float32:
+        return (16, 16, 8, 1) if backward and head_dim > 64 else (32, 16, 8, 1)
     return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 8, 2)
 
 
@@ -483,7 +490,7 @@ def diff_attention_forward(q, k, v, lambda_full, *, lambda_init, causal, key_pad
     """Launch the forward kernel. Returns (out [B, N, H/2, 2D], o1, o2, lse1, lse2); the last four are None
     unless ``save_for_backward``."""
     B, H, NQ, D, HKV, NK, HP, R, HKV_HALF = _geometry(q, k)
-    BLOCK_M, BLOCK_N, warps, stages = _blocks(D, runtime.on_gpu(q))
+    BLOCK_M, BLOCK_N, warps, stages = _blocks(q)
     out = torch.empty((B, NQ, HP, 2 * D), dtype=q.dtype, device=q.device)
     saved = [torch.empty_like(out), torch.empty_like(out),
              torch.empty((B, HP, NQ), dtype=torch.float32, device=q.device),
@@ -504,7 +511,7 @@ def diff_attention_backward(dout, q, k, v, lambda_full, o1, o2, lse1, lse2, *, l
                             key_padding_mask, eps, scale):
     """Launch the three backward kernels. Returns (dq, dk, dv, dlambda as a float32 0-dim tensor)."""
     B, H, NQ, D, HKV, NK, HP, R, HKV_HALF = _geometry(q, k)
-    BLOCK_M, BLOCK_N, warps, stages = _blocks(D, runtime.on_gpu(q))
+    BLOCK_M, BLOCK_N, warps, stages = _blocks(q, backward=True)
     BLOCK_D = block_d(D)
     n_mblocks = triton.cdiv(NQ, BLOCK_M)
     do1, do2 = torch.empty_like(o1), torch.empty_like(o2)

@@ -15,7 +15,8 @@ Device functions (``@triton.jit``, called from the kernels of each attention fam
 
 Host helpers: :func:`block_d` (head dim padded for ``tl.dot``), :func:`dot_precision` (fp32 dots in IEEE),
 :func:`tile_configs` / :func:`autotuned` with :func:`prune_wide_head_tiles` or :func:`prune_to_chunk` (autotune
-configs, one small tile under the interpreter), :func:`bhn_strides`, and :func:`softmax_attention_reference`,
+configs, one small tile under the interpreter; float32 operands take tiles of their own through
+:func:`split_by_operand_dtype`), :func:`bhn_strides`, and :func:`softmax_attention_reference`,
 the eager (out, lse) core of every family's PyTorch reference.
 """
 
@@ -151,13 +152,40 @@ def load_rows(ptr, rows, offs_d, stride, NQ, d_ok, EVEN_D: tl.constexpr, BOUNDS:
 
 # ---------------------------------------------------------------------------------------------- host helpers
 
+def tuning_on_gpu() -> bool:
+    """Whether autotune config lists are the GPU's (else: one small tile under the interpreter)."""
+    return torch.cuda.is_available() and not runtime.interpreter_enabled()
+
+
 def tile_configs(gpu_tiles: list) -> list:
     """Autotune configs from (BLOCK_M, BLOCK_N, warps, stages); one small tile under the interpreter (its
     cost is per program, and autotuning needs CUDA)."""
-    if not (torch.cuda.is_available() and not runtime.interpreter_enabled()):
+    if not tuning_on_gpu():
         gpu_tiles = [(32, 32, 4, 1)]
     return runtime.autotune_configs([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                                      for m, n, w, st in gpu_tiles])
+
+
+def operand_dtype(named_args: dict) -> torch.dtype | None:
+    """The dtype of a kernel's first tensor argument (the queries, in every attention kernel here)."""
+    return next((a.dtype for a in named_args.values() if isinstance(a, torch.Tensor)), None)
+
+
+def split_by_operand_dtype(prune, half_configs: list, fp32_pools: dict):
+    """An ``early_config_prune`` that hands ``prune`` the half-precision configs, or for float32 operands the
+    pool of ``fp32_pools`` ({max head dim: configs}) that covers ``BLOCK_D`` (the widest for wider heads).
+
+    Why float32 gets tiles of its own: its "ieee" dots (:func:`dot_precision`) run on the CUDA cores with both
+    operands held in registers, so the tensor-core tiles of bf16/fp16 spill hundreds to thousands of bytes per
+    thread on sm_90; the fp32 pools are the tiles that lower without spilling (``bench/compile_sm90.py``)."""
+    widths = sorted(fp32_pools)
+
+    def choose(configs, named_args, **kwargs):
+        if operand_dtype(named_args) != torch.float32:
+            return prune(half_configs, named_args, **kwargs)
+        width = {**named_args, **kwargs}["BLOCK_D"]
+        return prune(fp32_pools[next((w for w in widths if width <= w), widths[-1])], named_args, **kwargs)
+    return choose
 
 
 def prune_wide_head_tiles(configs, named_args, **kwargs):
@@ -182,12 +210,20 @@ def prune_to_chunk(configs, named_args, **kwargs):
                           num_warps=small.num_warps, num_stages=small.num_stages)]
 
 
-def autotuned(fn, tiles: list, key: list, prune=prune_wide_head_tiles, heuristics: dict | None = None):
+def autotuned(fn, tiles: list, key: list, prune=prune_wide_head_tiles, heuristics: dict | None = None,
+              fp32_tiles: dict | None = None):
     """``fn`` autotuned over ``tiles`` (see :func:`tile_configs`) on ``key``, pruned by ``prune``; optional
-    ``triton.heuristics`` (derived constexprs such as an even-tile flag) apply under the autotuner."""
+    ``triton.heuristics`` (derived constexprs such as an even-tile flag) apply under the autotuner.
+    ``fp32_tiles`` ({max head dim: tiles}): the tiles float32 operands take instead (see
+    :func:`split_by_operand_dtype`); the autotuner keys on the argument dtypes, so each dtype keeps its own pick."""
     if heuristics:
         fn = triton.heuristics(heuristics)(fn)
-    return triton.autotune(configs=tile_configs(tiles), key=key, prune_configs_by={"early_config_prune": prune})(fn)
+    configs = tile_configs(tiles)
+    if fp32_tiles and tuning_on_gpu():
+        pools = {width: tile_configs(t) for width, t in fp32_tiles.items()}
+        prune = split_by_operand_dtype(prune, configs, pools)
+        configs = configs + [c for pool in pools.values() for c in pool]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
 
 
 # flash-decoding split kernels: (BLOCK_N, warps, stages, programs per SM the split count aims at); the first was
@@ -198,16 +234,29 @@ DECODE_CONFIGS = [(64, 4, 3, 2), (64, 4, 4, 4), (64, 4, 3, 8), (128, 8, 3, 4), (
                   (64, 8, 4, 4), (32, 4, 4, 8)]
 
 
-def decode_autotuned(fn, key: list, prune=None):
+def decode_autotuned(fn, key: list, prune=None, fp32_configs: dict | None = None):
     """``fn`` (a split kernel with ``BLOCK_N`` and ``SPLIT_FACTOR`` constexprs) autotuned over
-    :data:`DECODE_CONFIGS`; under the interpreter one small config with 3 splits (:func:`decode_splits`)."""
+    :data:`DECODE_CONFIGS`; under the interpreter one small config with 3 splits (:func:`decode_splits`).
+    ``fp32_configs`` ({max head dim: configs as in DECODE_CONFIGS}): what float32 queries take instead."""
     if runtime.interpreter_enabled():
-        configs = [triton.Config({"BLOCK_N": 32, "SPLIT_FACTOR": 1}, num_warps=4, num_stages=1)]
-    else:
-        configs = runtime.autotune_configs([triton.Config({"BLOCK_N": n, "SPLIT_FACTOR": f}, num_warps=w,
-                                                          num_stages=st) for n, w, st, f in DECODE_CONFIGS])
+        return triton.autotune(configs=[triton.Config({"BLOCK_N": 32, "SPLIT_FACTOR": 1}, num_warps=4, num_stages=1)],
+                               key=key)(fn)
+    configs = _decode_configs(DECODE_CONFIGS)
+    if fp32_configs and tuning_on_gpu():
+        pools = {width: _decode_configs(c) for width, c in fp32_configs.items()}
+        prune = split_by_operand_dtype(prune or _keep_all, configs, pools)
+        configs = configs + [c for pool in pools.values() for c in pool]
     return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+
+
+def _decode_configs(entries: list) -> list:
+    return runtime.autotune_configs([triton.Config({"BLOCK_N": n, "SPLIT_FACTOR": f}, num_warps=w, num_stages=st)
+                                     for n, w, st, f in entries])
+
+
+def _keep_all(configs, named_args, **kwargs):
+    return configs
 
 
 def decode_splits(nmax: int, block_n: int, factor: int, programs: int, sms: int | None) -> int:

@@ -250,9 +250,17 @@ _BWD_TILES = [(64, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), 
 
 
 _EVEN_C = {"EVEN_C": lambda a: a["C"] % a["BLOCK_M"] == 0 and a["C"] % a["BLOCK_N"] == 0}
-_local_fwd = autotuned(_local_fwd_kernel, _FWD_TILES, _KEY, prune_to_chunk, heuristics=_EVEN_C)
-_local_bwd_dkdv = autotuned(_local_bwd_dkdv_kernel, _BWD_TILES, _KEY, prune_to_chunk)
-_local_bwd_dq = autotuned(_local_bwd_dq_kernel, _BWD_TILES, _KEY, prune_to_chunk)
+# float32 operands, {max head dim: tiles} that lower for sm_90 without spilling (see attention._FWD_TILES_FP32)
+_FWD_TILES_FP32 = {64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 64, 8, 2)],
+                   128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 64, 8, 2)]}
+_DKDV_TILES_FP32 = {64: [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 2)],
+                    128: [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 2)]}
+_DQ_TILES_FP32 = {64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 64, 8, 2)],
+                  128: [(32, 64, 8, 2), (32, 32, 8, 1), (32, 16, 8, 1), (16, 64, 8, 2)]}
+_local_fwd = autotuned(_local_fwd_kernel, _FWD_TILES, _KEY, prune_to_chunk, heuristics=_EVEN_C,
+                       fp32_tiles=_FWD_TILES_FP32)
+_local_bwd_dkdv = autotuned(_local_bwd_dkdv_kernel, _BWD_TILES, _KEY, prune_to_chunk, fp32_tiles=_DKDV_TILES_FP32)
+_local_bwd_dq = autotuned(_local_bwd_dq_kernel, _BWD_TILES, _KEY, prune_to_chunk, fp32_tiles=_DQ_TILES_FP32)
 
 
 class LocalAttentionFunction(torch.autograd.Function):

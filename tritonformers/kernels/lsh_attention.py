@@ -425,9 +425,16 @@ def lsh_sort(buckets: torch.Tensor) -> torch.Tensor:
 _TILES = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2),
           (32, 32, 4, 2)]
 _KEY = ["C", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT"]
-_lsh_fwd = autotuned(_lsh_fwd_kernel, _TILES, _KEY, prune_to_chunk)
-_lsh_bwd_dkdv = autotuned(_lsh_bwd_dkdv_kernel, _TILES, _KEY, prune_to_chunk)
-_lsh_bwd_dq = autotuned(_lsh_bwd_dq_kernel, _TILES, _KEY, prune_to_chunk)
+# float32 operands, {max head dim: tiles} that lower for sm_90 with at most a few spilled bytes (see
+# attention._FWD_TILES_FP32)
+_FWD_TILES_FP32 = {64: [(16, 64, 8, 2), (16, 16, 8, 2), (32, 16, 8, 1)],
+                   128: [(32, 16, 8, 1), (16, 16, 8, 2), (32, 32, 8, 1)]}
+_DKDV_TILES_FP32 = {64: [(32, 32, 8, 1), (16, 64, 8, 2)], 128: [(32, 16, 8, 1), (32, 32, 8, 1)]}
+_DQ_TILES_FP32 = {64: [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 2), (16, 64, 8, 2)],
+                  128: [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 2)]}
+_lsh_fwd = autotuned(_lsh_fwd_kernel, _TILES, _KEY, prune_to_chunk, fp32_tiles=_FWD_TILES_FP32)
+_lsh_bwd_dkdv = autotuned(_lsh_bwd_dkdv_kernel, _TILES, _KEY, prune_to_chunk, fp32_tiles=_DKDV_TILES_FP32)
+_lsh_bwd_dq = autotuned(_lsh_bwd_dq_kernel, _TILES, _KEY, prune_to_chunk, fp32_tiles=_DQ_TILES_FP32)
 
 
 class LSHAttentionFunction(torch.autograd.Function):
