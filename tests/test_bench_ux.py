@@ -80,6 +80,16 @@ def test_not_compared_reason_is_stated():
                      "other_fn": "not compared (computes a different function)"}
 
 
+def test_compute_bound_rates_use_the_ceiling_of_their_dtype():
+    case = Case("toy", setup=_setup, impls=[Impl(OURS, _double)], gpu_shape={"T": 1, "d": 1},
+                cpu_shape={"T": 1, "d": 1}, bound="compute", flops=lambda s: registry.Count(fwd=2e12))
+    ceilings = {"bf16_tflops": 800.0, "fp32_tflops": 50.0, "int8_tops": 1600.0}
+    for dtype, ceiling in ((torch.bfloat16, 800.0), (torch.float16, 800.0), (torch.float32, 50.0)):
+        row = {"fwd_ms": 100.0}  # 2 TFLOP in 0.1 s: 20 TFLOP/s
+        report.add_rates(row, case, {}, dtype, ceilings)
+        assert row["tflops"] == pytest.approx(20.0) and row["frac_of_ceiling"] == pytest.approx(20.0 / ceiling)
+
+
 def test_training_cases_say_the_step_updates_the_weights():
     impls = lm.train_impls(lambda *a: None, "hf_eager", "ours", "theirs")
     assert [i.name for i in impls] == [OURS, "hf_eager"]

@@ -170,6 +170,7 @@ def test_bench_cuda_run(tmp_path, capsys):
     _check_schema(data)
     assert data["mode"] == "cuda" and data["note"] is None
     assert data["ceilings"]["copy_tbps"] > 0.1 and data["ceilings"]["bf16_tflops"] > 1
+    assert 1 < data["ceilings"]["fp32_tflops"] < data["ceilings"]["bf16_tflops"]  # IEEE, not TF32
     for row in data["results"]:
         assert row["error"] is None, f"{row['impl']}: {row['error']}"
         assert row["dtype"] == "bfloat16" and row["T"] == 16384

@@ -123,6 +123,11 @@ for _name, _gpu in (("alibi_causal_h32_d128", {"B": 1, "H": 32, "N": 4096, "D": 
                   cpu_shape={"B": 1, "H": 2, "N": 64, "D": 32}, bound="compute", flops=_causal_flops,
                   tokens=lambda s: s["B"] * s["N"],
                   description="BLOOM attention core: causal + ALiBi, forward and backward"))
+# an HF model accelerated as loaded (float32): the float32 tiles, against SDPA's and Flex's float32 kernels
+register(Case("alibi_causal_fp32_h16_d64", setup=_qkv_setup, impls=_ATTENTION_IMPLS, dtype=torch.float32,
+              gpu_shape={"B": 1, "H": 16, "N": 2048, "D": 64}, cpu_shape={"B": 1, "H": 2, "N": 64, "D": 32},
+              bound="compute", flops=_causal_flops, tokens=lambda s: s["B"] * s["N"],
+              description="BLOOM attention core in float32 (IEEE dots on the CUDA cores): causal + ALiBi"))
 
 
 # ---------------------------------------------------------------------------------------------- decode

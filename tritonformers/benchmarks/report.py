@@ -33,7 +33,10 @@ def add_rates(row: dict, case, shape: dict, dtype: torch.dtype, ceilings: dict) 
     flops = case.flops(shape) if case.flops else None
     nbytes = case.bytes(shape, dtype) if case.bytes else None
     unit = "tops" if case.int_ops else "tflops"
-    compute_ceiling = ceilings.get("int8_tops") if case.int_ops else ceilings.get("bf16_tflops")
+    if case.int_ops:
+        compute_ceiling = ceilings.get("int8_tops")
+    else:
+        compute_ceiling = ceilings.get("fp32_tflops" if dtype == torch.float32 else "bf16_tflops")
     for p in PASSES:
         ms = row.get(f"{p}_ms")
         row[f"{p}_{unit}"] = _rate(getattr(flops, p) if flops else None, ms)
@@ -155,7 +158,8 @@ def markdown(data: dict) -> str:
     c = data.get("ceilings") or {}
     lines = [f"### Benchmarks: {data['device']}", "",
              f"torch {data['torch']}, triton {data['triton']}, transformers {data['transformers']}, {data['date']}. "
-             f"Ceilings: copy {fmt(c.get('copy_tbps'))} TB/s, bf16 matmul {fmt(c.get('bf16_tflops'))} TFLOP/s. "
+             f"Ceilings: copy {fmt(c.get('copy_tbps'))} TB/s, bf16 matmul {fmt(c.get('bf16_tflops'))} TFLOP/s, "
+             f"float32 matmul {fmt(c.get('fp32_tflops'))} TFLOP/s (the ceiling of float32 cases). "
              f"Shapes: {data.get('shapes') or 'not recorded'}. Timing: {data['timing']}. "
              "Rates and % of ceiling are for fwd+bwd where timed; "
              "speed-up = baseline time / ours (fwd+bwd), mem = baseline peak / ours.", ""]

@@ -239,7 +239,8 @@ def peak_mib(fn: Callable[[], Any], leaves: list[torch.Tensor]) -> float:
 
 
 def measure_ceilings(settings: Settings) -> dict:
-    """Device copy bandwidth (bytes read + written) and the bf16 8192^3 matmul rate, measured once."""
+    """Device copy bandwidth (bytes read + written) and the bf16 and float32 8192^3 matmul rates, measured
+    once."""
     if not settings.cuda:
         return {"copy_tbps": None, "bf16_tflops": None}
     from triton.testing import do_bench
@@ -261,6 +262,12 @@ def measure_ceilings(settings: Settings) -> dict:
         # is far from that, so the int8 ceiling is derived from the measured bf16 rate rather than measured.
         ceilings["int8_tops"] = 2 * ceilings["bf16_tflops"]
         ceilings["int8_tops_basis"] = "2 x measured bf16 matmul rate (Hopper's dense int8:bf16 ratio)"
+        a, b, c = (t.float() for t in (a, b, c))  # float32 cases (IEEE dots on the CUDA cores) use this one
+        ms = do_bench(lambda: torch.matmul(a, b, out=c), warmup=settings.warmup_ms, rep=settings.rep_ms,
+                      return_mode="median")
+        ceilings["fp32_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
+        ceilings["fp32_tflops_basis"] = (f"{n}^3 float32 matmul, float32 matmul precision "
+                                         f"{torch.get_float32_matmul_precision()!r} ('highest': no TF32)")
         del a, b, c
     except Exception as exc:  # noqa: BLE001 - the cases still run; fractions of a missing ceiling are null
         ceilings["error"] = _describe(exc)
