@@ -1,5 +1,5 @@
 """CUDA smoke test: every kernel once in bf16 and fp16 (forward and gradients against its PyTorch reference on
-the same device), the integer kernels bit-exact, and each model family once (Triton path against the reference
+the same device), the attention families once in float32 (their own tiles), the integer kernels bit-exact, and each model family once (Triton path against the reference
 path). Small enough to run in well under three minutes with compilation; ``bench/gpu_check.sh quick`` runs it
 before the headline benchmarks. The CPU suite covers the same ops through the interpreter in depth.
 """
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.cuda if DEV == "cuda" else []
 if DEV == "cuda" and not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 HALF = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float16]
 
 
@@ -143,6 +143,28 @@ def test_local_and_lsh_attention(dtype):
     _check(lambda q, k, v: TF.local_attention(q, k, v, chunk_length=64, causal=True, scale=D ** -0.5), qkv, dtype)
     _check(lambda qk, v: TF.lsh_attention(qk, v, chunk_length=64, num_hashes=2, num_buckets=8, hash_seed=3),
            qkv[:2], dtype)
+
+
+def test_float32_attention_tiles():
+    """The attention families in float32 (IEEE dots on their own, smaller tiles): forward, gradients and decode
+    against the float32 reference, to the 1e-4 parity contract."""
+    f32 = torch.float32
+    B, H, HKV, N, D = 2, 4, 2, 200, 128
+    slopes = TF.alibi_slopes(H, device=DEV)
+    q, k, v = r(B, H, N, D, dtype=f32), r(B, H, N, D, dtype=f32), r(B, H, N, D, dtype=f32)
+    _check(lambda q, k, v: TF.attention(q, k, v, causal=True, alibi_slopes=slopes), (q, k, v), f32)
+    _check(lambda q, k, v: TF.attention(q, k, v), (q[..., :64], k[..., :64], v[..., :64]), f32)
+    lens = torch.tensor([150, 200], device=DEV)
+    _check(lambda q: TF.decode_attention(q, k, v, lens, alibi_slopes=slopes), (r(B, H, 1, D, dtype=f32),), f32,
+           grad=False)
+    lam = torch.tensor([0.3], device=DEV)
+    kv = (r(B, HKV, N, D, dtype=f32), r(B, HKV, N, D, dtype=f32))
+    _check(lambda q, k, v: TF.diff_attention(q, k, v, lam, 0.2, causal=True), (q, *kv), f32)
+    _check(lambda q: TF.diff_decode_attention(q, *kv, lens, lam, 0.2), (r(B, H, 1, D, dtype=f32),), f32, grad=False)
+    qkv = (r(1, 2, 256, 64, dtype=f32), r(1, 2, 256, 64, dtype=f32), r(1, 2, 256, 64, dtype=f32))
+    _check(lambda q, k, v: TF.local_attention(q, k, v, chunk_length=64, causal=True, scale=0.125), qkv, f32)
+    _check(lambda qk, v: TF.lsh_attention(qk, v, chunk_length=64, num_hashes=2, num_buckets=4, hash_seed=3),
+           qkv[:2], f32)
 
 
 def test_integer_kernels_are_exact(monkeypatch):
