@@ -389,7 +389,7 @@ _DKDV_TILES = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
 _DQ_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _MIN_DQ_BLOCK_M = 32  # sizes the dslope partials whatever tile the autotuner picks
 # float32 operands, {max head dim: tiles}: the tiles above spill 100-10,000 bytes per thread there (CUDA-core
-# dots, operands in registers); these lower for sm_90 without spilling (bench/compile_sm90.py, triton 3.6 and 3.9)
+# dots, operands in registers); these spill at most a few dozen on sm_90 (bench/compile_sm90.py, triton 3.6, 3.9)
 _FWD_TILES_FP32 = {64: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 3), (32, 32, 8, 2)],
                    128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 2), (32, 16, 8, 2)]}
 _DKDV_TILES_FP32 = {64: [(32, 32, 8, 1), (64, 16, 8, 1), (32, 16, 8, 1), (16, 32, 8, 1)],

@@ -218,12 +218,17 @@ def autotuned(fn, tiles: list, key: list, prune=prune_wide_head_tiles, heuristic
     :func:`split_by_operand_dtype`); the autotuner keys on the argument dtypes, so each dtype keeps its own pick."""
     if heuristics:
         fn = triton.heuristics(heuristics)(fn)
-    configs = tile_configs(tiles)
-    if fp32_tiles and tuning_on_gpu():
-        pools = {width: tile_configs(t) for width, t in fp32_tiles.items()}
-        prune = split_by_operand_dtype(prune, configs, pools)
-        configs = configs + [c for pool in pools.values() for c in pool]
+    configs, prune = _with_fp32_pools(tile_configs(tiles), prune, fp32_tiles, tile_configs)
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+
+
+def _with_fp32_pools(configs: list, prune, fp32_entries: dict | None, make_configs):
+    """(configs, prune) with the float32 pools ``make_configs(entries)`` per max head dim appended and the prune
+    split by operand dtype; unchanged without pools or off the GPU (one config for every dtype there)."""
+    if not fp32_entries or not tuning_on_gpu():
+        return configs, prune
+    pools = {width: make_configs(entries) for width, entries in fp32_entries.items()}
+    return configs + [c for pool in pools.values() for c in pool], split_by_operand_dtype(prune, configs, pools)
 
 
 # flash-decoding split kernels: (BLOCK_N, warps, stages, programs per SM the split count aims at); the first was
@@ -239,13 +244,11 @@ def decode_autotuned(fn, key: list, prune=None, fp32_configs: dict | None = None
     :data:`DECODE_CONFIGS`; under the interpreter one small config with 3 splits (:func:`decode_splits`).
     ``fp32_configs`` ({max head dim: configs as in DECODE_CONFIGS}): what float32 queries take instead."""
     if runtime.interpreter_enabled():
-        return triton.autotune(configs=[triton.Config({"BLOCK_N": 32, "SPLIT_FACTOR": 1}, num_warps=4, num_stages=1)],
-                               key=key)(fn)
-    configs = _decode_configs(DECODE_CONFIGS)
-    if fp32_configs and tuning_on_gpu():
-        pools = {width: _decode_configs(c) for width, c in fp32_configs.items()}
-        prune = split_by_operand_dtype(prune or _keep_all, configs, pools)
-        configs = configs + [c for pool in pools.values() for c in pool]
+        configs = [triton.Config({"BLOCK_N": 32, "SPLIT_FACTOR": 1}, num_warps=4, num_stages=1)]
+    else:
+        configs = _decode_configs(DECODE_CONFIGS)
+        if fp32_configs:
+            configs, prune = _with_fp32_pools(configs, prune or _keep_all, fp32_configs, _decode_configs)
     return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
 
